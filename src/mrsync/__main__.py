@@ -1,0 +1,3 @@
+from mrsync.cli import main
+
+raise SystemExit(main())

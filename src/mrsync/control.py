@@ -1,0 +1,149 @@
+"""The control stream between the master and one target: session parameters, the target's
+needs, its results. It runs over the stdin/stdout of the receiver process (started locally or
+through a remote shell), which is reliable and already authenticated by whatever started it;
+that is also how the per-session key reaches the target without ever crossing the data plane.
+
+Framing: a 4-byte big-endian length, then one msgpack-encoded message (a tagged msgspec Struct).
+"""
+
+from __future__ import annotations
+
+import struct
+
+import msgspec
+
+MAX_MESSAGE = 64 * 1024 * 1024  # a frame longer than this is a broken stream, not a message
+_LENGTH = struct.Struct("!I")
+
+
+class Hello(msgspec.Struct, tag=True):
+    """Master -> target: everything the target needs to join the session."""
+
+    version: int
+    session: int
+    key: bytes
+    receiver_id: int
+    dest: bytes  # target directory, raw bytes
+    group: str  # multicast group address
+    port: int
+    family: int  # socket.AF_INET or AF_INET6
+    interface: str  # address (IPv4) or interface name (IPv6) to join the group on
+    feedback_host: str  # where to send FEEDBACK datagrams
+    feedback_port: int
+    page_size: int
+    report_every: int
+    max_datagram: int  # largest datagram the path carries, for sizing feedback
+    verbose: int = 0
+
+
+class HelloOk(msgspec.Struct, tag=True):
+    version: int
+    hostname: str
+    pid: int
+
+
+class StartTransfer(msgspec.Struct, tag=True):
+    """Master -> target: the next transfer. kind "manifest": one object (id 0) of ``size``
+    bytes whose blake3 is ``digest``. kind "data": the manifest's files whose ids are set in
+    ``objects`` (a bitmap, bit i of byte i // 8), sent in ascending id order."""
+
+    transfer: int
+    kind: str
+    size: int = 0
+    digest: bytes = b""
+    objects: bytes = b""
+
+
+class Ready(msgspec.Struct, tag=True):
+    transfer: int
+
+
+class Needs(msgspec.Struct, tag=True):
+    """Target -> master: the files whose content this target lacks (bitmap, as above)."""
+
+    objects: bytes
+    files: int
+    size: int  # bytes of content it lacks
+
+
+class TransferDone(msgspec.Struct, tag=True):
+    transfer: int
+
+
+class FileFailure(msgspec.Struct, array_like=True):
+    path: str
+    reason: str
+
+
+class Result(msgspec.Struct, tag=True):
+    """Target -> master: the end of its part of the session."""
+
+    files_written: int
+    bytes_written: int
+    errors: list[FileFailure]
+    counters: dict[str, int]
+
+
+class Failure(msgspec.Struct, tag=True):
+    """Either side: a fatal error; the sender of it stops."""
+
+    message: str
+
+
+class Bye(msgspec.Struct, tag=True):
+    """Master -> target: the session is over; clean up and exit."""
+
+
+Message = Hello | HelloOk | StartTransfer | Ready | Needs | TransferDone | Result | Failure | Bye
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder: msgspec.msgpack.Decoder[Message] = msgspec.msgpack.Decoder(Message)
+
+
+class ProtocolError(Exception):
+    """The control stream carried something that is not a message of ours."""
+
+
+def frame(message: Message) -> bytes:
+    body = _encoder.encode(message)
+    return _LENGTH.pack(len(body)) + body
+
+
+class FrameReader:
+    """Accumulates bytes from a stream and yields the whole messages in them."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> list[Message]:
+        self._buf += data
+        out: list[Message] = []
+        while len(self._buf) >= _LENGTH.size:
+            (length,) = _LENGTH.unpack_from(self._buf)
+            if length > MAX_MESSAGE:
+                raise ProtocolError(f"control frame of {length} bytes")
+            end = _LENGTH.size + length
+            if len(self._buf) < end:
+                break
+            body = bytes(self._buf[_LENGTH.size : end])
+            del self._buf[:end]
+            try:
+                out.append(_decoder.decode(body))
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                raise ProtocolError(f"bad control message: {exc}") from exc
+        return out
+
+    @property
+    def pending(self) -> int:
+        return len(self._buf)
+
+
+def bitmap_from_ids(ids: list[int] | set[int], count: int) -> bytes:
+    bits = bytearray((count + 7) // 8)
+    for i in ids:
+        bits[i >> 3] |= 1 << (i & 7)
+    return bytes(bits)
+
+
+def ids_from_bitmap(bits: bytes, count: int) -> list[int]:
+    return [i for i in range(min(count, len(bits) * 8)) if bits[i >> 3] >> (i & 7) & 1]

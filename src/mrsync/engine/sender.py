@@ -1,0 +1,310 @@
+"""The master's side of one transfer, as a state machine without I/O.
+
+What it does:
+
+* **First pass.** Every page of the layout goes out once, in order, each datagram stamped with
+  a send sequence number (``seq``) that grows with every data datagram, repairs included.
+* **Flow control by window.** Receivers report the highest ``seq`` they have processed (every
+  ``report_every`` datagrams, and in every answer to a poll). The sender never runs more than
+  ``window`` datagrams ahead of the slowest active receiver. The window is sized to fit in a
+  receiver's socket buffer, so a receiver that is slow to *process* slows the sender instead of
+  overflowing its buffer, while a datagram lost on the way does not slow anything: the highest
+  seq processed still advances past it. Loss is repaired, never mistaken for congestion.
+* **Repair by batched NACKs.** When the first pass is done (or the window stalls) the sender
+  multicasts a POLL carrying the highest seq sent. Every receiver answers with the ranges of
+  global pages it still lacks, many ranges per datagram, pages of any file. Because a receiver
+  answers after processing the POLL, everything sent before it has arrived or is lost, so the
+  sender resends each listed page unless it was already resent after that point (``_last_sent``
+  per page), and sends the union once to all. Then it polls again, until every receiver reports
+  COMPLETE (on the data plane, or through the control stream via ``receiver_done``).
+* **Silence.** A receiver that answers nothing for ``silence_timeout`` seconds while the sender
+  waits on it is given up (``ReceiverLost``) so that it cannot hold the others back forever.
+
+Time is always passed in; the caller asks ``next_wakeup`` when to call ``poll`` again.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from array import array
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from mrsync.engine.layout import Layout
+from mrsync.wire import FLAG_COMPLETE, DecodeError, Feedback, decode, encode_poll
+
+
+@dataclass(frozen=True, slots=True)
+class SendPage:
+    """Read this page of this object and multicast it as a DATA datagram with this seq."""
+
+    obj: int
+    page: int
+    seq: int
+    repair: bool
+
+
+@dataclass(frozen=True, slots=True)
+class SendDatagram:
+    """Multicast these ready-made bytes (a POLL)."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ReceiverLost:
+    receiver: int
+    reason: str
+
+
+SenderAction = SendPage | SendDatagram | ReceiverLost
+
+
+@dataclass
+class SenderStats:
+    pages_sent: int = 0  # first-pass data datagrams
+    pages_resent: int = 0  # repair data datagrams
+    bytes_sent: int = 0  # payload bytes, first pass
+    bytes_resent: int = 0  # payload bytes, repairs
+    polls_sent: int = 0
+    feedback: int = 0
+    dropped: Counter[str] = field(default_factory=Counter)
+
+
+@dataclass
+class _Peer:
+    seq_seen: int = 0
+    complete: bool = False
+    lost: bool = False
+    last_heard: float = 0.0
+    answered_poll: int = 0
+    missing: int = -1  # pages it still lacks, -1 until it says
+
+
+class Sender:
+    MIN_POLL_TIMEOUT = 0.005
+    MAX_POLL_TIMEOUT = 1.0
+
+    def __init__(
+        self,
+        *,
+        transfer: int,
+        layout: Layout,
+        receivers: Iterable[int],
+        key: bytes,
+        session: int,
+        window: int,
+        now: float,
+        rate: float | None = None,
+        silence_timeout: float = 30.0,
+    ) -> None:
+        if window < 1:
+            raise ValueError("window must be at least one datagram")
+        self.transfer = transfer
+        self.layout = layout
+        self.stats = SenderStats()
+        self._key = key
+        self._session = session
+        self._window = window
+        self._rate = rate  # payload bytes per second, None = no cap
+        self._silence_timeout = silence_timeout
+        self._peers = {rid: _Peer(last_heard=now) for rid in receivers}
+        total = layout.total_pages
+        self._next_first = 0  # next global page of the first pass
+        self._last_sent = array("Q", bytes(8 * total))  # seq a page was last sent with, 0 = never
+        self._queued = bytearray(total)  # 1 while a page waits in the repair heap
+        self._repairs: list[int] = []  # heap of global pages to resend, lowest first
+        self._seq = 0
+        self._min_seen = 0  # lower bound of active receivers' seq_seen (only ever rises)
+        self._next_send_at = now
+        self._last_progress_at = now
+        self._poll = 0
+        self._poll_sent_at = -math.inf
+        self._poll_deadline = now  # no poll before this time
+        self._poll_timeout = 0.05
+        self._unanswered_polls = 0
+        self.srtt: float | None = None
+
+    # -- events -----------------------------------------------------------------------------
+
+    def receive_datagram(self, data: bytes | memoryview, now: float) -> None:
+        """A datagram arrived on the feedback socket. Anything malformed, forged, foreign or
+        stale is counted and otherwise ignored."""
+        try:
+            pkt = decode(data, self._key, self._session)
+        except DecodeError as exc:
+            self.stats.dropped[exc.reason.value] += 1
+            return
+        if not isinstance(pkt, Feedback):
+            self.stats.dropped["unexpected"] += 1
+            return
+        if pkt.transfer != self.transfer:
+            self.stats.dropped["stale"] += 1
+            return
+        peer = self._peers.get(pkt.receiver)
+        if peer is None or peer.lost:
+            self.stats.dropped["unknown-receiver"] += 1
+            return
+        self.stats.feedback += 1
+        peer.last_heard = now
+        if pkt.seq_seen > peer.seq_seen:
+            peer.seq_seen = min(pkt.seq_seen, self._seq)
+            self._last_progress_at = now
+        peer.missing = pkt.missing
+        if pkt.poll and pkt.poll == self._poll and peer.answered_poll != pkt.poll:
+            peer.answered_poll = pkt.poll
+            self._rtt_sample(now - self._poll_sent_at)
+            if self._all_answered():
+                # Everyone answered: the next poll may follow as soon as repairs are out.
+                self._unanswered_polls = 0
+                self._poll_deadline = min(self._poll_deadline, now + self._min_poll_gap())
+        if pkt.flags & FLAG_COMPLETE:
+            peer.complete = True
+        self._queue_repairs(pkt.ranges, peer.seq_seen)
+
+    def receiver_done(self, receiver: int) -> None:
+        """The control stream says this receiver has the whole transfer."""
+        peer = self._peers.get(receiver)
+        if peer is not None:
+            peer.complete = True
+
+    def receiver_failed(self, receiver: int) -> None:
+        """The control stream says this receiver is gone; stop waiting for it."""
+        peer = self._peers.get(receiver)
+        if peer is not None:
+            peer.lost = True
+
+    # -- queries ----------------------------------------------------------------------------
+
+    @property
+    def done(self) -> bool:
+        return all(p.complete or p.lost for p in self._peers.values())
+
+    @property
+    def first_pass_done(self) -> bool:
+        return self._next_first >= self.layout.total_pages
+
+    def receiver_missing(self) -> dict[int, int]:
+        """Pages each receiver last said it lacks (-1: not heard yet)."""
+        return {rid: p.missing for rid, p in self._peers.items()}
+
+    def next_wakeup(self, now: float) -> float:
+        """The latest time ``poll`` must be called again if nothing arrives before."""
+        if self.done:
+            return math.inf
+        wake = now + 0.25  # housekeeping: silence checks
+        if self._has_page():
+            if self._window_full():
+                wake = min(wake, max(self._poll_deadline, self._last_progress_at + self._stall()))
+            elif self._rate is not None:
+                wake = min(wake, self._next_send_at)
+            else:
+                wake = now
+        else:
+            wake = min(wake, self._poll_deadline)
+        return wake
+
+    # -- output -----------------------------------------------------------------------------
+
+    def poll(self, now: float, budget: int = 64) -> list[SenderAction]:
+        """What to do now: at most ``budget`` datagrams to send, and receivers given up."""
+        actions: list[SenderAction] = []
+        self._check_silence(now, actions)
+        while len(actions) < budget and not self.done:
+            if not self._has_page():
+                if now >= self._poll_deadline:
+                    actions.append(self._make_poll(now))
+                break
+            if self._window_full():
+                # Stalled: if no progress report came for a while, ask for one.
+                if now >= self._poll_deadline and now - self._last_progress_at >= self._stall():
+                    actions.append(self._make_poll(now))
+                break
+            if self._rate is not None and now < self._next_send_at:
+                break
+            actions.append(self._next_page(now))
+        return actions
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _has_page(self) -> bool:
+        return bool(self._repairs) or self._next_first < self.layout.total_pages
+
+    def _next_page(self, now: float) -> SendPage:
+        if self._repairs:
+            g = heapq.heappop(self._repairs)
+            self._queued[g] = 0
+            repair = True
+        else:
+            g = self._next_first
+            self._next_first += 1
+            repair = False
+        obj, page = self.layout.locate(g)
+        self._seq += 1
+        self._last_sent[g] = self._seq
+        length = self.layout.page_length(obj, page)
+        if repair:
+            self.stats.pages_resent += 1
+            self.stats.bytes_resent += length
+        else:
+            self.stats.pages_sent += 1
+            self.stats.bytes_sent += length
+        if self._rate is not None:
+            self._next_send_at = max(self._next_send_at, now) + length / self._rate
+        return SendPage(obj, page, self._seq, repair)
+
+    def _window_full(self) -> bool:
+        if self._seq - self._min_seen < self._window:
+            return False
+        active = [p.seq_seen for p in self._peers.values() if not (p.complete or p.lost)]
+        fresh = min(active) if active else self._seq
+        if fresh > self._min_seen:
+            self._min_seen = fresh
+        return self._seq - self._min_seen >= self._window
+
+    def _queue_repairs(self, ranges: Iterable[tuple[int, int]], seq_seen: int) -> None:
+        total = self.layout.total_pages
+        last_sent, queued, heap = self._last_sent, self._queued, self._repairs
+        for start, count in ranges:
+            for g in range(start, min(start + count, total)):
+                # 0: not sent yet (the first pass will get there); > seq_seen: a resend is
+                # still on its way to that receiver.
+                if not queued[g] and 0 < last_sent[g] <= seq_seen:
+                    queued[g] = 1
+                    heapq.heappush(heap, g)
+
+    def _make_poll(self, now: float) -> SendDatagram:
+        if self._poll and not self._all_answered():
+            self._unanswered_polls += 1
+        self._poll += 1
+        self._poll_sent_at = now
+        backoff = min(2.0 ** min(self._unanswered_polls, 10), 64.0)
+        self._poll_deadline = now + min(self._poll_timeout * backoff, self.MAX_POLL_TIMEOUT)
+        self.stats.polls_sent += 1
+        return SendDatagram(encode_poll(self._key, self._session, self.transfer, self._poll,
+                                        self._seq))
+
+    def _all_answered(self) -> bool:
+        return all(
+            p.answered_poll == self._poll or p.complete or p.lost for p in self._peers.values()
+        )
+
+    def _rtt_sample(self, rtt: float) -> None:
+        self.srtt = rtt if self.srtt is None else 0.875 * self.srtt + 0.125 * rtt
+        self._poll_timeout = max(self.MIN_POLL_TIMEOUT, 4 * self.srtt)
+
+    def _min_poll_gap(self) -> float:
+        return max(0.001, self.srtt or 0.0)
+
+    def _stall(self) -> float:
+        return max(0.005, 2 * (self.srtt or 0.0))
+
+    def _check_silence(self, now: float, actions: list[SenderAction]) -> None:
+        for rid, peer in self._peers.items():
+            if peer.complete or peer.lost:
+                continue
+            if now - peer.last_heard > self._silence_timeout:
+                peer.lost = True
+                actions.append(ReceiverLost(rid, f"no answer for {self._silence_timeout:.0f} s"))

@@ -1,0 +1,66 @@
+"""Reading pages of the source for the sender: the manifest blob from memory, files by
+``pread`` through a small cache of open descriptors."""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+
+from mrsync.plan.manifest import Manifest
+
+
+class BlobPages:
+    def __init__(self, blob: bytes, page_size: int) -> None:
+        self._view = memoryview(blob)
+        self._page_size = page_size
+
+    def read(self, obj: int, page: int, length: int) -> bytes | memoryview:
+        start = page * self._page_size
+        return self._view[start : start + length]
+
+    def close(self) -> None:
+        self._view.release()
+
+
+class FilePages:
+    """Pages of the manifest's files. A file that shrank since the scan yields zeros where its
+    bytes are gone: the targets then refuse it on the digest, with a clear error, instead of
+    the session waiting forever for a page of the announced length."""
+
+    MAX_OPEN = 64
+
+    def __init__(self, base: bytes, manifest: Manifest, page_size: int) -> None:
+        self._base = base
+        self._entries = manifest.entries
+        self._page_size = page_size
+        self._fds: OrderedDict[int, int] = OrderedDict()
+        self.short_reads: set[int] = set()
+
+    def _fd(self, obj: int) -> int:
+        fd = self._fds.get(obj)
+        if fd is not None:
+            self._fds.move_to_end(obj)
+            return fd
+        path = self._entries[obj].path
+        full = self._base if path == b"." else os.path.join(self._base, path)
+        fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        self._fds[obj] = fd
+        if len(self._fds) > self.MAX_OPEN:
+            _, old = self._fds.popitem(last=False)
+            os.close(old)
+        return fd
+
+    def read(self, obj: int, page: int, length: int) -> bytes | memoryview:
+        try:
+            data = os.pread(self._fd(obj), length, page * self._page_size)
+        except OSError:
+            data = b""
+        if len(data) != length:
+            self.short_reads.add(obj)
+            data = data + bytes(length - len(data))
+        return data
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()

@@ -1,0 +1,1 @@
+"""Planning: what the source holds (manifest) and what each target lacks."""

@@ -1,0 +1,1 @@
+"""Starting receivers (local processes now, remote shells later) and the --server side."""

@@ -1,0 +1,287 @@
+"""``mrsync --server``: the target side. Runs with its control stream on stdin/stdout, joins the
+group, and drives a ``Receiver`` state machine and a ``FileStore`` from one event loop.
+
+Nothing but control frames may reach stdout: fd 1 is kept for the stream and Python's
+``sys.stdout`` is pointed at stderr, so a stray print cannot corrupt the protocol.
+"""
+
+from __future__ import annotations
+
+import os
+import selectors
+import socket
+import sys
+import time
+import traceback
+
+import blake3
+
+from mrsync import PROTOCOL_VERSION
+from mrsync.control import (
+    Bye,
+    FileFailure,
+    FrameReader,
+    Hello,
+    HelloOk,
+    Message,
+    Needs,
+    ProtocolError,
+    Ready,
+    Result,
+    StartTransfer,
+    TransferDone,
+    bitmap_from_ids,
+    frame,
+    ids_from_bitmap,
+)
+from mrsync.control import Failure as ControlFailure
+from mrsync.engine.layout import Layout
+from mrsync.engine.receiver import (
+    ObjectComplete,
+    Receiver,
+    ReceiverAction,
+    SendFeedback,
+    TransferComplete,
+    WritePage,
+)
+from mrsync.io.net import Endpoint, open_member
+from mrsync.io.store import FileStore
+from mrsync.plan.compare import compare, validate_manifest
+from mrsync.plan.manifest import Manifest, decode_manifest
+from mrsync.wire import max_feedback_ranges
+
+MANIFEST_OBJECT = 0
+
+
+class _Fatal(Exception):
+    pass
+
+
+class TargetSession:
+    def __init__(self, hello: Hello, control_out: int) -> None:
+        self.hello = hello
+        self._out = control_out
+        self.endpoint = Endpoint(hello.family, hello.group, hello.port, hello.interface)
+        self.sock, self.rcvbuf = open_member(self.endpoint)
+        self.feedback_addr: tuple[str, int] | tuple[str, int, int, int] = (
+            (hello.feedback_host, hello.feedback_port)
+            if hello.family == socket.AF_INET
+            else (hello.feedback_host, hello.feedback_port, 0, 0)
+        )
+        self.machine = Receiver(
+            receiver_id=hello.receiver_id,
+            key=hello.key,
+            session=hello.session,
+            report_every=hello.report_every,
+            max_ranges=max_feedback_ranges(hello.max_datagram),
+        )
+        self.dest = os.fsdecode(hello.dest)
+        self.kind = ""
+        self.manifest: Manifest | None = None
+        self.manifest_size = 0
+        self.manifest_digest = b""
+        self.blob = bytearray()
+        self.needed: list[int] = []
+        self.store: FileStore | None = None
+        self.finished = False
+
+    def send(self, message: Message) -> None:
+        data = frame(message)
+        while data:
+            n = os.write(self._out, data)
+            data = data[n:]
+
+    # -- control plane ----------------------------------------------------------------------
+
+    def on_control(self, message: Message) -> bool:
+        """Returns False when the session is over."""
+        if isinstance(message, StartTransfer):
+            self.start_transfer(message)
+        elif isinstance(message, Bye):
+            return False
+        else:
+            raise _Fatal(f"unexpected control message {type(message).__name__}")
+        return True
+
+    def start_transfer(self, msg: StartTransfer) -> None:
+        page_size = self.hello.page_size
+        if msg.kind == "manifest":
+            self.kind = "manifest"
+            self.manifest_size, self.manifest_digest = msg.size, msg.digest
+            self.blob = bytearray(msg.size)
+            layout = Layout([(MANIFEST_OBJECT, msg.size)], page_size)
+            actions = self.machine.start_transfer(msg.transfer, layout, [MANIFEST_OBJECT])
+        elif msg.kind == "data":
+            if self.manifest is None:
+                raise _Fatal("data transfer before the manifest")
+            self.kind = "data"
+            entries = self.manifest.entries
+            union = ids_from_bitmap(msg.objects, len(entries))
+            layout = Layout([(i, entries[i].size) for i in union], page_size)
+            missing = set(self.needed) - set(union)
+            if missing:
+                raise _Fatal(f"master will not send {len(missing)} needed files")
+            actions = self.machine.start_transfer(msg.transfer, layout, self.needed)
+        else:
+            raise _Fatal(f"unknown transfer kind {msg.kind!r}")
+        self.send(Ready(msg.transfer))
+        self.perform(actions)
+
+    # -- data plane -------------------------------------------------------------------------
+
+    def perform(self, actions: list[ReceiverAction]) -> None:
+        for action in actions:
+            if isinstance(action, WritePage):
+                if self.kind == "manifest":
+                    end = action.offset + len(action.data)
+                    self.blob[action.offset : end] = action.data
+                else:
+                    assert self.store is not None
+                    self.store.write(action.obj, action.offset, action.data)
+            elif isinstance(action, SendFeedback):
+                try:
+                    self.sock.sendto(action.data, self.feedback_addr)
+                except OSError:
+                    pass  # the master polls again; a lost feedback datagram is just loss
+            elif isinstance(action, ObjectComplete):
+                if self.kind == "data":
+                    assert self.store is not None
+                    self.store.finish_file(action.obj)
+            elif isinstance(action, TransferComplete):
+                if self.kind == "manifest":
+                    self.plan()
+                else:
+                    self.finish(action.transfer)
+
+    def plan(self) -> None:
+        if blake3.blake3(bytes(self.blob)).digest() != self.manifest_digest:
+            raise _Fatal("manifest digest mismatch")
+        try:
+            manifest = decode_manifest(bytes(self.blob))
+            validate_manifest(manifest)
+        except Exception as exc:
+            raise _Fatal(f"refusing manifest: {exc}") from exc
+        self.manifest = manifest
+        self.blob = bytearray()
+        needs = compare(manifest, self.dest)
+        self.needed = sorted(needs.data)
+        self.store = FileStore(self.dest, manifest)
+        self.store.prepare()
+        entries = manifest.entries
+        self.send(
+            Needs(
+                objects=bitmap_from_ids(self.needed, len(entries)),
+                files=len(self.needed),
+                size=sum(entries[i].size for i in self.needed),
+            )
+        )
+
+    def finish(self, transfer: int) -> None:
+        assert self.store is not None
+        self.store.finish_tree()
+        self.send(TransferDone(transfer))
+        stats = self.machine.stats
+        counters = {f"dropped_{k}": v for k, v in stats.dropped.items()}
+        counters.update(
+            datagrams=stats.datagrams,
+            duplicates=stats.duplicates,
+            unwanted=stats.unwanted,
+            polls=stats.polls,
+            feedback_sent=stats.feedback_sent,
+            rcvbuf=self.rcvbuf,
+        )
+        self.send(
+            Result(
+                files_written=len(self.needed) - len(self.store.errors),
+                bytes_written=stats.bytes_written,
+                errors=[FileFailure(e.path, e.reason) for e in self.store.errors],
+                counters=counters,
+            )
+        )
+        self.finished = True
+
+    def drain_socket(self, buf: bytearray) -> None:
+        view = memoryview(buf)
+        sock, machine = self.sock, self.machine
+        while True:
+            try:
+                n = sock.recv_into(buf, 0, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return
+            actions = machine.receive_datagram(view[:n], time.monotonic())
+            if actions:
+                self.perform(actions)
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
+        self.sock.close()
+
+
+def run_server() -> int:
+    control_in = sys.stdin.buffer.fileno()
+    control_out = os.dup(sys.stdout.buffer.fileno())
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    reader = FrameReader()
+    session: TargetSession | None = None
+
+    def fail(message: str) -> int:
+        try:
+            os.write(control_out, frame(ControlFailure(message)))
+        except OSError:
+            pass
+        print(f"mrsync --server: {message}", file=sys.stderr)
+        return 12
+
+    try:
+        hello = _read_hello(control_in, reader)
+        if hello.version != PROTOCOL_VERSION:
+            return fail(
+                f"protocol version {hello.version} not supported (this side speaks "
+                f"{PROTOCOL_VERSION})"
+            )
+        session = TargetSession(hello, control_out)
+        session.send(HelloOk(PROTOCOL_VERSION, socket.gethostname(), os.getpid()))
+        return _loop(session, control_in, reader)
+    except _Fatal as exc:
+        return fail(str(exc))
+    except ProtocolError as exc:
+        return fail(str(exc))
+    except Exception as exc:  # report, rather than vanish, on a bug
+        traceback.print_exc()
+        return fail(f"internal error: {exc!r}")
+    finally:
+        if session is not None:
+            session.close()
+
+
+def _read_hello(fd: int, reader: FrameReader) -> Hello:
+    while True:
+        data = os.read(fd, 65536)
+        if not data:
+            raise _Fatal("control stream closed before the session began")
+        messages = reader.feed(data)
+        if messages:
+            first = messages[0]
+            if not isinstance(first, Hello) or len(messages) > 1:
+                raise _Fatal("the session must begin with Hello")
+            return first
+
+
+def _loop(session: TargetSession, control_in: int, reader: FrameReader) -> int:
+    selector = selectors.DefaultSelector()
+    selector.register(control_in, selectors.EVENT_READ, "control")
+    selector.register(session.sock, selectors.EVENT_READ, "data")
+    buf = bytearray(65536)
+    while True:
+        for key, _ in selector.select(timeout=5.0):
+            if key.data == "data":
+                session.drain_socket(buf)
+                continue
+            data = os.read(control_in, 65536)
+            if not data:
+                # The master is gone: nothing more will come. Temp files are removed on close.
+                return 0 if session.finished else 12
+            for message in reader.feed(data):
+                if not session.on_control(message):
+                    return 0

@@ -1,0 +1,41 @@
+"""Wire formats: datagram encode/decode and authentication. Bytes only, no I/O."""
+
+from mrsync.wire.packets import (
+    DATA_OVERHEAD,
+    FLAG_COMPLETE,
+    FLAG_MORE,
+    HEADER_SIZE,
+    MAC_SIZE,
+    Data,
+    DecodeError,
+    DropReason,
+    Feedback,
+    Packet,
+    PacketType,
+    Poll,
+    decode,
+    encode_data,
+    encode_feedback,
+    encode_poll,
+    max_feedback_ranges,
+)
+
+__all__ = [
+    "DATA_OVERHEAD",
+    "FLAG_COMPLETE",
+    "FLAG_MORE",
+    "HEADER_SIZE",
+    "MAC_SIZE",
+    "Data",
+    "DecodeError",
+    "DropReason",
+    "Feedback",
+    "Packet",
+    "PacketType",
+    "Poll",
+    "decode",
+    "encode_data",
+    "encode_feedback",
+    "encode_poll",
+    "max_feedback_ranges",
+]

@@ -1,0 +1,258 @@
+"""Datagram wire format: encode and decode DATA, POLL and FEEDBACK datagrams. Bytes only.
+
+Every datagram is::
+
+    common header | type fields | payload | MAC
+
+    common header (12 bytes): magic b"MR", version u8, type u8, session_id u64
+    MAC (16 bytes):           keyed BLAKE3 over everything before it
+
+All integers are in network byte order, so masters and targets of different architectures
+agree. Page numbers and sequence numbers are u64 so that offsets past 4 GiB are representable.
+
+This module does no I/O and keeps no state; the state machines in ``mrsync.engine`` decide what
+to send and what a decoded packet means. In particular the MAC proves only that a datagram came
+from a holder of this session's key and is intact: a replayed datagram passes it, so the engine
+must treat repeats (same transfer/page, old poll numbers) as harmless duplicates.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from collections.abc import Sequence
+from hmac import compare_digest
+from typing import NamedTuple
+
+from blake3 import blake3
+
+from mrsync import PROTOCOL_VERSION
+
+MAGIC = b"MR"
+MAC_SIZE = 16
+FLAG_COMPLETE = 1
+FLAG_MORE = 2
+
+
+class PacketType(enum.IntEnum):
+    DATA = 1
+    POLL = 2
+    FEEDBACK = 3
+
+
+class DropReason(enum.Enum):
+    """Why a datagram was dropped; the caller counts these per reason."""
+
+    SHORT = "short"
+    MAGIC = "magic"
+    VERSION = "version"
+    TYPE = "type"
+    SESSION = "session"
+    MAC = "mac"
+    LENGTH = "length"
+
+
+class DecodeError(Exception):
+    """The only exception :func:`decode` raises. ``reason`` says which check failed."""
+
+    def __init__(self, reason: DropReason) -> None:
+        super().__init__(reason.value)
+        self.reason = reason
+
+
+class Data(NamedTuple):
+    transfer: int
+    seq: int
+    obj: int
+    page: int
+    # A memoryview into the datagram on decode (no copy). If the caller receives into a reused
+    # buffer, it must consume the payload before the next receive overwrites it.
+    payload: memoryview | bytes
+
+
+class Poll(NamedTuple):
+    transfer: int
+    poll: int
+    seq: int
+
+
+class Feedback(NamedTuple):
+    transfer: int
+    receiver: int
+    poll: int
+    seq_seen: int
+    missing: int
+    flags: int
+    ranges: tuple[tuple[int, int], ...]  # (first global page, count >= 1)
+
+
+Packet = Data | Poll | Feedback
+
+# --- layouts -------------------------------------------------------------------------------
+# Each type has one Struct covering the common header *and* its fields, so the hot path packs
+# or unpacks a whole header in a single call.
+_HEADER = struct.Struct("!2sBBQ")  # magic, version, type, session
+_DATA = struct.Struct("!2sBBQIQIQ")  # + transfer, seq, obj, page
+_POLL = struct.Struct("!2sBBQIIQ")  # + transfer, poll, seq
+_FEEDBACK = struct.Struct("!2sBBQIIIQQBH")  # + transfer, receiver, poll, seq_seen, missing,
+#                                             flags, nranges
+_RANGE = struct.Struct("!QI")  # start, count
+
+HEADER_SIZE = _HEADER.size  # 12
+DATA_OVERHEAD = _DATA.size + MAC_SIZE  # 52: what a DATA datagram adds around its payload
+_FEEDBACK_BASE = _FEEDBACK.size + MAC_SIZE  # 59: FEEDBACK without ranges
+_RANGE_SIZE = _RANGE.size  # 12
+_MAX_NRANGES = 0xFFFF  # nranges is a u16
+_MIN_SIZE = HEADER_SIZE + MAC_SIZE
+_DATA_SIZE = _DATA.size
+
+# Bound methods, looked up once rather than per packet.
+_pack_data = _DATA.pack
+_unpack_data = _DATA.unpack_from
+_unpack_header = _HEADER.unpack_from
+
+_TYPES = frozenset(int(t) for t in PacketType)
+_DATA_TYPE = int(PacketType.DATA)
+_POLL_TYPE = int(PacketType.POLL)
+
+
+def _mac(key: bytes, *parts: bytes | memoryview) -> bytes:
+    # Feed the parts one by one instead of concatenating: the payload is never copied just to
+    # be authenticated.
+    h = blake3(key=key)
+    for part in parts:
+        h.update(part)
+    return h.digest(length=MAC_SIZE)
+
+
+# --- encode --------------------------------------------------------------------------------
+# Out-of-range values (negative, too large for the field) raise struct.error from pack(); only
+# decode promises never to raise anything but DecodeError.
+
+
+def encode_data(
+    key: bytes,
+    session: int,
+    transfer: int,
+    seq: int,
+    obj: int,
+    page: int,
+    payload: bytes | memoryview,
+) -> bytes:
+    """One DATA datagram: ``page`` of object ``obj``, send sequence number ``seq``."""
+    head = _pack_data(MAGIC, PROTOCOL_VERSION, _DATA_TYPE, session, transfer, seq, obj, page)
+    # Inlined _mac(): this runs for every page sent.
+    h = blake3(head, key=key)
+    h.update(payload)
+    return b"".join((head, payload, h.digest(length=MAC_SIZE)))
+
+
+def encode_poll(key: bytes, session: int, transfer: int, poll: int, seq: int) -> bytes:
+    """One POLL datagram: asks for feedback number ``poll``; ``seq`` is the highest seq sent."""
+    head = _POLL.pack(MAGIC, PROTOCOL_VERSION, _POLL_TYPE, session, transfer, poll, seq)
+    return head + _mac(key, head)
+
+
+def encode_feedback(
+    key: bytes,
+    session: int,
+    transfer: int,
+    receiver: int,
+    poll: int,
+    seq_seen: int,
+    missing: int,
+    flags: int,
+    ranges: Sequence[tuple[int, int]],
+) -> bytes:
+    """One FEEDBACK datagram listing ``ranges`` of missing global pages as (start, count).
+
+    The caller keeps it within the datagram size with :func:`max_feedback_ranges` and sets
+    FLAG_MORE when it had to leave ranges out.
+    """
+    n = len(ranges)
+    if n > _MAX_NRANGES:
+        raise ValueError(f"{n} ranges do not fit the u16 range count")
+    size = _FEEDBACK.size + n * _RANGE_SIZE
+    buf = bytearray(size + MAC_SIZE)
+    _FEEDBACK.pack_into(
+        buf, 0, MAGIC, PROTOCOL_VERSION, int(PacketType.FEEDBACK), session,
+        transfer, receiver, poll, seq_seen, missing, flags, n,
+    )  # fmt: skip
+    offset = _FEEDBACK.size
+    for start, count in ranges:
+        # An empty range would be refused by decode; fail here, where the bug is.
+        if count < 1:
+            raise ValueError(f"range count must be >= 1, got {count}")
+        _RANGE.pack_into(buf, offset, start, count)
+        offset += _RANGE_SIZE
+    body = memoryview(buf)[:size]
+    buf[size:] = _mac(key, body)
+    body.release()
+    return bytes(buf)
+
+
+def max_feedback_ranges(datagram_size: int) -> int:
+    """How many ranges fit in a FEEDBACK datagram of at most ``datagram_size`` bytes."""
+    fit = (datagram_size - _FEEDBACK_BASE) // _RANGE_SIZE
+    return max(0, min(fit, _MAX_NRANGES))
+
+
+# --- decode --------------------------------------------------------------------------------
+
+
+def decode(datagram: bytes | memoryview, key: bytes, session: int) -> Packet:
+    """Check and parse one datagram. Raises :class:`DecodeError` (and nothing else) if it must
+    be dropped.
+
+    The checks run cheapest first, so foreign or stale traffic on the group (another session,
+    another version, not mrsync at all) is dropped before any hashing. The session is checked
+    before the MAC for the same reason, and because a datagram from a session whose key we do
+    not hold could never pass the MAC anyway: "session" is the more useful drop reason. The
+    field lengths are checked only after the MAC, so that a LENGTH drop means an authenticated
+    peer sent a malformed packet (a bug or version skew), not that someone sent noise.
+    """
+    mv = memoryview(datagram)
+    if mv.itemsize != 1:  # e.g. an array('I') view: lengths and slices below count bytes
+        mv = mv.cast("B")
+    n = len(mv)
+    if n < _MIN_SIZE:
+        raise DecodeError(DropReason.SHORT)
+    magic, version, ptype, sess = _unpack_header(mv)
+    if magic != MAGIC:
+        raise DecodeError(DropReason.MAGIC)
+    if version != PROTOCOL_VERSION:
+        raise DecodeError(DropReason.VERSION)
+    if sess != session:
+        raise DecodeError(DropReason.SESSION)
+    if ptype not in _TYPES:
+        raise DecodeError(DropReason.TYPE)
+    end = n - MAC_SIZE
+    h = blake3(mv[:end], key=key)
+    if not compare_digest(h.digest(length=MAC_SIZE), mv[end:]):
+        raise DecodeError(DropReason.MAC)
+
+    if ptype == _DATA_TYPE:  # the hot path: keep it first and short
+        if end < _DATA_SIZE:
+            raise DecodeError(DropReason.LENGTH)
+        _, _, _, _, transfer, seq, obj, page = _unpack_data(mv)
+        return Data(transfer, seq, obj, page, mv[_DATA_SIZE:end])
+
+    if ptype == _POLL_TYPE:
+        if end != _POLL.size:
+            raise DecodeError(DropReason.LENGTH)
+        _, _, _, _, transfer, poll, seq = _POLL.unpack_from(mv)
+        return Poll(transfer, poll, seq)
+
+    # FEEDBACK, the only type left.
+    if end < _FEEDBACK.size:
+        raise DecodeError(DropReason.LENGTH)
+    (_, _, _, _, transfer, receiver, poll, seq_seen, missing, flags, nranges) = (
+        _FEEDBACK.unpack_from(mv)
+    )
+    if end - _FEEDBACK.size != nranges * _RANGE_SIZE:
+        raise DecodeError(DropReason.LENGTH)
+    ranges: tuple[tuple[int, int], ...] = tuple(_RANGE.iter_unpack(mv[_FEEDBACK.size : end]))
+    for _, count in ranges:
+        if count == 0:
+            raise DecodeError(DropReason.LENGTH)
+    return Feedback(transfer, receiver, poll, seq_seen, missing, flags, ranges)
