@@ -7,6 +7,7 @@ actions they return. The protocol decisions live in ``mrsync.engine``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import selectors
@@ -43,7 +44,7 @@ from mrsync.engine.sender import ReceiverLost, SendDatagram, Sender, SendPage
 from mrsync.io.net import IP_UDP_HEADERS, Endpoint, interface_mtu, open_sender
 from mrsync.io.source import BlobPages, FilePages
 from mrsync.plan.manifest import Kind, Manifest, encode_manifest
-from mrsync.plan.scan import scan_source
+from mrsync.plan.scan import scan_source, source_root
 from mrsync.report import Reporter
 from mrsync.wire import DATA_OVERHEAD, encode_data
 
@@ -174,12 +175,6 @@ class Job:
             warnings=warnings,
         )
 
-    def _source_base(self) -> bytes:
-        """The directory manifest paths are relative to: SRC itself for "SRC/" (its contents),
-        else SRC's parent (the directory or file is sent under its own name), as rsync does."""
-        src = self.options.source
-        return os.fsencode(src if src.endswith("/") else os.path.dirname(os.path.abspath(src)))
-
     def _transfer_blob(self, blob: bytes, stats: dict[str, int]) -> None:
         digest = blake3.blake3(blob).digest()
         layout = Layout([(MANIFEST_OBJECT, len(blob))], self.page_size)
@@ -191,7 +186,7 @@ class Job:
         layout = Layout([(i, entries[i].size) for i in union], self.page_size)
         start = StartTransfer(self._next_transfer(), "data",
                               objects=bitmap_from_ids(union, len(entries)))
-        source = FilePages(self._source_base(), manifest, self.page_size)
+        source = FilePages(source_root(self.options.source), manifest, self.page_size)
         self.reporter.begin_data(layout.bytes_total(), [t.name for t in self.targets if t.alive])
         self._run_transfer(start, layout, source, stats, "data")
         for obj in sorted(source.short_reads):
@@ -405,10 +400,8 @@ class Job:
             if t.proc.poll() is None:
                 self._send(t, Bye())
             if t.proc.stdin is not None:
-                try:
+                with contextlib.suppress(OSError):
                     t.proc.stdin.close()
-                except OSError:
-                    pass
         deadline = time.monotonic() + 10
         for t in self.targets:
             if t.proc is None:
@@ -420,8 +413,6 @@ class Job:
                 t.proc.wait()
                 self._fail(t, "receiver did not exit; killed")
             if t.proc.stdout is not None:
-                try:
+                with contextlib.suppress(KeyError, ValueError):
                     self.selector.unregister(t.proc.stdout)
-                except (KeyError, ValueError):
-                    pass
                 t.proc.stdout.close()

@@ -111,6 +111,7 @@ class Sender:
         self._rate = rate  # payload bytes per second, None = no cap
         self._silence_timeout = silence_timeout
         self._peers = {rid: _Peer(last_heard=now) for rid in receivers}
+        self._active = len(self._peers)  # peers neither complete nor lost
         total = layout.total_pages
         self._next_first = 0  # next global page of the first pass
         self._last_sent = array("Q", bytes(8 * total))  # seq a page was last sent with, 0 = never
@@ -161,26 +162,26 @@ class Sender:
                 self._unanswered_polls = 0
                 self._poll_deadline = min(self._poll_deadline, now + self._min_poll_gap())
         if pkt.flags & FLAG_COMPLETE:
-            peer.complete = True
+            self._settle(peer, complete=True)
         self._queue_repairs(pkt.ranges, peer.seq_seen)
 
     def receiver_done(self, receiver: int) -> None:
         """The control stream says this receiver has the whole transfer."""
         peer = self._peers.get(receiver)
         if peer is not None:
-            peer.complete = True
+            self._settle(peer, complete=True)
 
     def receiver_failed(self, receiver: int) -> None:
         """The control stream says this receiver is gone; stop waiting for it."""
         peer = self._peers.get(receiver)
         if peer is not None:
-            peer.lost = True
+            self._settle(peer, complete=False)
 
     # -- queries ----------------------------------------------------------------------------
 
     @property
     def done(self) -> bool:
-        return all(p.complete or p.lost for p in self._peers.values())
+        return self._active == 0
 
     @property
     def first_pass_done(self) -> bool:
@@ -301,10 +302,18 @@ class Sender:
     def _stall(self) -> float:
         return max(0.005, 2 * (self.srtt or 0.0))
 
+    def _settle(self, peer: _Peer, *, complete: bool) -> None:
+        if not (peer.complete or peer.lost):
+            self._active -= 1
+        if complete:
+            peer.complete = True
+        else:
+            peer.lost = True
+
     def _check_silence(self, now: float, actions: list[SenderAction]) -> None:
         for rid, peer in self._peers.items():
             if peer.complete or peer.lost:
                 continue
             if now - peer.last_heard > self._silence_timeout:
-                peer.lost = True
+                self._settle(peer, complete=False)
                 actions.append(ReceiverLost(rid, f"no answer for {self._silence_timeout:.0f} s"))

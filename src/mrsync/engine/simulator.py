@@ -88,8 +88,9 @@ def simulate(
     results = [SimReceiverResult(False, 0, 0, 0, 0) for _ in range(receivers)]
     all_objects = [obj for obj, _ in objects]
     for i, machine in enumerate(machines):
-        for action in machine.start_transfer(transfer, layout, wanted(i) if wanted else all_objects):
-            if isinstance(action, TransferComplete):
+        want = wanted(i) if wanted else all_objects
+        for started in machine.start_transfer(transfer, layout, want):
+            if isinstance(started, TransferComplete):
                 results[i].complete = True
                 sender.receiver_done(i)
 
@@ -130,24 +131,24 @@ def simulate(
             break
         actions = sender.poll(now, budget=1) if link_free <= now else []
         if not actions:
-            wake = sender.next_wakeup(now)
-            if link_free > now:
-                wake = min(wake, link_free)
+            # Sleep until the link is free (the sender is blocked on it), the sender's own
+            # timer, or the next arrival, whichever is first.
+            wake = link_free if link_free > now else sender.next_wakeup(now)
             if events:
                 wake = min(wake, events[0][0])
-            now = max(wake, now + 1e-9) if wake > now else now + 1e-6
+            now = wake if wake > now else now + 1e-6
             continue
-        for action in actions:
-            if isinstance(action, ReceiverLost):
-                lost.append(action.receiver)
+        for sent in actions:
+            if isinstance(sent, ReceiverLost):
+                lost.append(sent.receiver)
                 continue
-            if isinstance(action, SendPage):
-                datagram = encode_data(key, session, transfer, action.seq, action.obj, action.page,
-                                       content(action.obj, action.page))
-            elif isinstance(action, SendDatagram):
-                datagram = action.data
+            if isinstance(sent, SendPage):
+                datagram = encode_data(key, session, transfer, sent.seq, sent.obj, sent.page,
+                                       content(sent.obj, sent.page))
+            elif isinstance(sent, SendDatagram):
+                datagram = sent.data
             else:  # pragma: no cover - exhaustive
-                raise AssertionError(action)
+                raise AssertionError(sent)
             wire_bytes += len(datagram) + 28  # IPv4 + UDP headers
             link_free = max(link_free, now) + (len(datagram) + 28) / link_rate
             for dest in range(receivers):

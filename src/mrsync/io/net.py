@@ -15,7 +15,7 @@ DEFAULT_GROUP_V4 = "239.255.67.92"  # the original's default: administratively s
 DEFAULT_GROUP_V6 = "ff15::6d72:7379:6e63"  # transient, site-local scope: "mrsync"
 DEFAULT_PORT = 8888
 BUFFER_BYTES = 32 * 1024 * 1024  # socket buffers: deep enough to absorb a scheduling hiccup
-IP_UDP_HEADERS = {socket.AF_INET: 28, socket.AF_INET6: 48}
+IP_UDP_HEADERS: dict[int, int] = {socket.AF_INET: 28, socket.AF_INET6: 48}
 
 # Linux constants the socket module does not export everywhere.
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)

@@ -7,6 +7,7 @@ Nothing but control frames may reach stdout: fd 1 is kept for the stream and Pyt
 
 from __future__ import annotations
 
+import contextlib
 import os
 import selectors
 import socket
@@ -45,7 +46,7 @@ from mrsync.engine.receiver import (
     WritePage,
 )
 from mrsync.io.net import Endpoint, open_member
-from mrsync.io.store import FileStore
+from mrsync.io.store import FileStore, StoreError
 from mrsync.plan.compare import compare, validate_manifest
 from mrsync.plan.manifest import Manifest, decode_manifest
 from mrsync.wire import max_feedback_ranges
@@ -139,10 +140,9 @@ class TargetSession:
                     assert self.store is not None
                     self.store.write(action.obj, action.offset, action.data)
             elif isinstance(action, SendFeedback):
-                try:
+                # A feedback datagram that cannot be sent is just loss: the master polls again.
+                with contextlib.suppress(OSError):
                     self.sock.sendto(action.data, self.feedback_addr)
-                except OSError:
-                    pass  # the master polls again; a lost feedback datagram is just loss
             elif isinstance(action, ObjectComplete):
                 if self.kind == "data":
                     assert self.store is not None
@@ -166,7 +166,10 @@ class TargetSession:
         needs = compare(manifest, self.dest)
         self.needed = sorted(needs.data)
         self.store = FileStore(self.dest, manifest)
-        self.store.prepare()
+        try:
+            self.store.prepare()
+        except StoreError as exc:
+            raise _Fatal(str(exc)) from exc
         entries = manifest.entries
         self.send(
             Needs(
@@ -192,7 +195,7 @@ class TargetSession:
         )
         self.send(
             Result(
-                files_written=len(self.needed) - len(self.store.errors),
+                files_written=sum(not self.store.is_failed(i) for i in self.needed),
                 bytes_written=stats.bytes_written,
                 errors=[FileFailure(e.path, e.reason) for e in self.store.errors],
                 counters=counters,
@@ -226,10 +229,8 @@ def run_server() -> int:
     session: TargetSession | None = None
 
     def fail(message: str) -> int:
-        try:
+        with contextlib.suppress(OSError):
             os.write(control_out, frame(ControlFailure(message)))
-        except OSError:
-            pass
         print(f"mrsync --server: {message}", file=sys.stderr)
         return 12
 
