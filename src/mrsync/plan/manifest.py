@@ -36,6 +36,7 @@ class Entry(msgspec.Struct, array_like=True, frozen=True):
     gid: int
     target: bytes = b""  # symlink target, as stored, never followed
     digest: bytes = b""  # blake3-256 of the content, FILE only
+    link: int = -1  # with -H: index of an earlier FILE entry this one is a hard link to
 
 
 class Manifest(msgspec.Struct, array_like=True, frozen=True):
