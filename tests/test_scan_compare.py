@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import subprocess
 from pathlib import Path
 
 import blake3
@@ -12,6 +13,7 @@ import pytest
 
 from mrsync.plan.compare import Needs, UnsafePath, compare, validate_manifest
 from mrsync.plan.manifest import Entry, Kind, Manifest, decode_manifest, encode_manifest
+from mrsync.plan.options import SyncOptions
 from mrsync.plan.scan import ScanError, hash_file, scan_source, source_root
 
 B = os.fsencode
@@ -337,3 +339,251 @@ def test_file_changed_while_hashing(tree: Path) -> None:
     warnings.clear()
     assert hash_file(B(str(tree / "a.txt")), 9, warnings) == digest(b"hello")  # shrank
     assert warnings
+
+
+# ---------------------------------------------------------------------- compare modes
+
+
+def bump(path: Path, ns: int) -> None:
+    st = os.lstat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + ns), follow_symlinks=False)
+
+
+def ids_of(m: Manifest) -> dict[bytes, int]:
+    return {e.path: i for i, e in enumerate(m.entries)}
+
+
+@pytest.fixture
+def synced(tree: Path, tmp_path: Path) -> tuple[Manifest, Path, dict[bytes, int]]:
+    dest = tmp_path / "dest"
+    copy_tree(tree, dest)
+    m = scan_source(str(tree) + "/")
+    return m, dest, ids_of(m)
+
+
+def test_quick_check_same_size_other_content_is_up_to_date(synced) -> None:
+    m, dest, ids = synced
+    st = os.lstat(dest / "a.txt")
+    (dest / "a.txt").write_bytes(b"HELLO")
+    os.utime(dest / "a.txt", ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert compare(m, str(dest)).data == []
+    opts = SyncOptions(checksum=True)
+    needs = compare(m, str(dest), opts)
+    assert needs.data == [ids[b"a.txt"]]
+    assert needs.itemized == [">fc........ a.txt"]
+
+
+def test_checksum_ignores_mtime_when_content_matches(synced) -> None:
+    m, dest, ids = synced
+    bump(dest / "a.txt", 10**9)
+    (dest / "sub" / "b.txt").write_bytes(b"beeee")  # other size: needs data without hashing
+    needs = compare(m, str(dest), SyncOptions(checksum=True))
+    assert needs.data == [ids[b"sub/b.txt"]]
+    assert ".f..t...... a.txt" in needs.itemized
+    assert compare(m, str(dest)).data == sorted([ids[b"a.txt"], ids[b"sub/b.txt"]])
+
+
+def test_size_only(synced) -> None:
+    m, dest, ids = synced
+    bump(dest / "a.txt", 10**9)
+    (dest / "sub" / "b.txt").write_bytes(b"BEEx")
+    needs = compare(m, str(dest), SyncOptions(size_only=True))
+    assert needs.data == [ids[b"sub/b.txt"]]
+    assert needs.itemized[0] == ".f..t...... a.txt"  # metadata only
+
+
+def test_update_skips_newer_dest_files(synced) -> None:
+    m, dest, ids = synced
+    (dest / "a.txt").write_bytes(b"newer and longer")
+    bump(dest / "a.txt", 10**9)
+    (dest / "sub" / "b.txt").write_bytes(b"older, longer")
+    bump(dest / "sub" / "b.txt", -(10**9))
+    needs = compare(m, str(dest), SyncOptions(update=True))
+    assert needs.data == [ids[b"sub/b.txt"]]
+    assert needs.keep == [ids[b"a.txt"]]
+    # a different type on the target is always replaced
+    (dest / "with space").unlink()
+    (dest / "with space").mkdir()
+    bump(dest / "with space", 10**10)
+    assert ids[b"with space"] in compare(m, str(dest), SyncOptions(update=True)).data
+
+
+def test_ignore_existing(synced) -> None:
+    m, dest, ids = synced
+    (dest / "a.txt").write_bytes(b"different")
+    (dest / "sub" / "b.txt").unlink()
+    os.unlink(dest / "link")
+    os.symlink("elsewhere", dest / "link")
+    needs = compare(m, str(dest), SyncOptions(ignore_existing=True))
+    assert needs.data == [ids[b"sub/b.txt"]]
+    assert ids[b"a.txt"] in needs.keep and ids[b"link"] in needs.keep
+    assert ids[b"sub"] not in needs.keep  # existing directories are still entered
+    assert [line for line in needs.itemized if "f" in line[:2]] == [">f+++++++++ sub/b.txt"]
+
+
+# ---------------------------------------------------------------------- deletions
+
+
+def test_delete_extra_file_dir_tree_and_symlink(synced) -> None:
+    m, dest, _ = synced
+    (dest / "extra").write_bytes(b"x")
+    (dest / "xd" / "y").mkdir(parents=True)
+    (dest / "xd" / "y" / "f").write_bytes(b"f")
+    (dest / "xd" / "g").write_bytes(b"g")
+    os.symlink("a.txt", dest / "sub" / "xl")
+    os.symlink("/", dest / "sub" / "deep" / "rootlink")
+    needs = compare(m, str(dest), SyncOptions(delete=True))
+    assert needs.data == []
+    assert needs.delete == [
+        b"extra",
+        b"xd/g",
+        b"xd/y/f",
+        b"xd/y",
+        b"xd",
+        b"sub/xl",
+        b"sub/deep/rootlink",
+    ]
+    assert [line for line in needs.itemized if line.startswith("*")] == [
+        "*deleting   extra",
+        "*deleting   xd/g",
+        "*deleting   xd/y/f",
+        "*deleting   xd/y/",
+        "*deleting   xd/",
+        "*deleting   sub/xl",
+        "*deleting   sub/deep/rootlink",
+    ]
+    assert compare(m, str(dest)).delete == []  # only with --delete
+    assert compare(m, str(dest), SyncOptions(delete=True, only=("a.txt",))).delete == []
+
+
+def test_delete_keeps_excluded(tree: Path, tmp_path: Path) -> None:
+    dest = tmp_path / "dest"
+    copy_tree(tree, dest)
+    (dest / "extra.o").write_bytes(b"x")
+    (dest / "extra").write_bytes(b"x")
+    (dest / "xd").mkdir()
+    (dest / "xd" / "keep.o").write_bytes(b"k")
+    (dest / "xd" / "gone").write_bytes(b"g")
+    opts = SyncOptions(delete=True, rules=(("-", "*.o"), ("-", "sub/")))
+    m = scan_source(str(tree) + "/", options=opts)
+    assert b"sub/b.txt" not in ids_of(m)
+    needs = compare(m, str(dest), opts)
+    # sub/ is excluded: kept whole although the manifest lacks it; xd/ still holds keep.o
+    assert needs.delete == [b"extra", b"xd/gone"]
+
+
+def test_delete_without_trailing_slash_only_below_name(tree: Path, tmp_path: Path) -> None:
+    dest = tmp_path / "dest"
+    copy_tree(tree, dest / "src")
+    (dest / "other").write_bytes(b"not ours")
+    (dest / "src" / "extra").write_bytes(b"ours")
+    m = scan_source(str(tree))
+    assert compare(m, str(dest), SyncOptions(delete=True)).delete == [b"src/extra"]
+
+
+@pytest.mark.skipif(shutil.which("rsync") is None, reason="rsync not installed")
+def test_delete_matches_rsync(tree: Path, tmp_path: Path) -> None:
+    dest = tmp_path / "dest"
+    copy_tree(tree, dest)
+    for rel in ["extra", "x.o", "d/x.o", "d/y", "d/e/z", "sub/deep/q", "sub/n.o"]:
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        (dest / rel).write_bytes(b"q")
+    os.symlink("x", dest / "sub" / "lnk")
+    rules = (("-", "*.o"),)
+    m = scan_source(str(tree) + "/", options=SyncOptions(rules=rules))
+    ours = set(compare(m, str(dest), SyncOptions(delete=True, rules=rules)).delete)
+    out = subprocess.run(
+        ["rsync", "-an", "--delete", "--exclude=*.o", "--out-format=%o %n", f"{tree}/", f"{dest}/"],
+        capture_output=True,
+        check=True,
+    ).stdout
+    theirs = {
+        line.split(b" ", 1)[1].rstrip(b"/")
+        for line in out.splitlines()
+        if line.startswith(b"del. ")
+    }
+    assert ours == theirs == {b"extra", b"d/y", b"d/e/z", b"d/e", b"sub/deep/q", b"sub/lnk"}
+
+
+# ---------------------------------------------------------------------- itemize
+
+
+def test_itemized_add_change_metadata(synced, tree: Path) -> None:
+    m, dest, _ = synced
+    (dest / "a.txt").write_bytes(b"hello world")  # size (and mtime) differ
+    shutil.rmtree(dest / "sub" / "deep")
+    os.chmod(dest / "with space", 0o600)
+    os.chmod(tree / "with space", 0o644)
+    os.unlink(dest / "link")
+    os.unlink(dest / "dangling")
+    os.symlink("elsewhere", dest / "dangling")
+    m = scan_source(str(tree) + "/")
+    lines = compare(m, str(dest)).itemized
+    assert ">f.st...... a.txt" in lines
+    assert "cd+++++++++ sub/deep/" in lines
+    assert ">f+++++++++ sub/deep/z.bin" in lines
+    assert ".f...p..... with space" in lines
+    assert "cL+++++++++ link -> a.txt" in lines
+    assert "cLc........ dangling -> /nonexistent/target" in lines
+    assert lines.index("cd+++++++++ sub/deep/") < lines.index(">f+++++++++ sub/deep/z.bin")
+    fresh = compare(m, str(tmp_dest := dest.parent / "fresh")).itemized
+    assert not tmp_dest.exists()
+    assert fresh[0] == "cd+++++++++ ./"
+    assert ">f+++++++++ empty" in fresh and "cd+++++++++ emptydir/" in fresh
+
+
+def test_itemized_nothing_for_identical(synced) -> None:
+    m, dest, _ = synced
+    needs = compare(m, str(dest), SyncOptions(delete=True, checksum=True))
+    assert needs == Needs([], [], [], [])
+
+
+# ---------------------------------------------------------------------- hard links
+
+
+@pytest.fixture
+def linked(tmp_path: Path) -> Path:
+    src = tmp_path / "hl"
+    src.mkdir()
+    (src / "a").write_bytes(b"shared")
+    os.link(src / "a", src / "b")
+    (src / "d").mkdir()
+    os.link(src / "a", src / "d" / "c")
+    (src / "solo").write_bytes(b"solo")
+    os.link(src / "solo", tmp_path / "outside")  # nlink 2, partner outside the tree
+    return src
+
+
+def test_scan_hard_links(linked: Path) -> None:
+    plain = scan_source(str(linked) + "/")
+    assert all(e.link == -1 for e in plain.entries)
+    m = scan_source(str(linked) + "/", options=SyncOptions(hard_links=True))
+    ids = ids_of(m)
+    a = m.entries[ids[b"a"]]
+    for name in (b"b", b"d/c"):
+        e = m.entries[ids[name]]
+        assert e.link == ids[b"a"] and e.digest == a.digest and e.size == a.size
+    assert a.link == -1 and m.entries[ids[b"solo"]].link == -1
+    # the first name excluded: the next one leads the group
+    ex = scan_source(str(linked) + "/", options=SyncOptions(hard_links=True, rules=(("-", "/a"),)))
+    eids = ids_of(ex)
+    assert ex.entries[eids[b"b"]].link == -1 and ex.entries[eids[b"d/c"]].link == eids[b"b"]
+
+
+def test_compare_hard_links(linked: Path, tmp_path: Path) -> None:
+    opts = SyncOptions(hard_links=True)
+    m = scan_source(str(linked) + "/", options=opts)
+    ids = ids_of(m)
+    dest = tmp_path / "hd"
+    needs = compare(m, str(dest), opts)
+    assert needs.data == [ids[b"a"], ids[b"solo"]]  # links never need data
+    assert "hf+++++++++ b => a" in needs.itemized
+    # DEST already linked the same way: nothing at all
+    subprocess.run(["cp", "-a", f"{linked}/.", str(dest)], check=True)
+    assert compare(m, str(dest), opts) == Needs([], [], [], [])
+    # DEST has b as a separate copy: relink it, still no data
+    os.unlink(dest / "b")
+    shutil.copy2(linked / "a", dest / "b")
+    needs = compare(m, str(dest), opts)
+    assert needs.data == []
+    assert [line for line in needs.itemized if line.startswith("hf")] == ["hf......... b => a"]

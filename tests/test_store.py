@@ -7,6 +7,7 @@ import os
 import random
 import shutil
 import stat
+import subprocess
 from pathlib import Path
 
 import blake3
@@ -16,6 +17,7 @@ from mrsync.io import store as store_mod
 from mrsync.io.store import FileError, FileStore, StoreError
 from mrsync.plan.compare import compare, validate_manifest
 from mrsync.plan.manifest import Entry, Kind, Manifest
+from mrsync.plan.options import SyncOptions
 from mrsync.plan.scan import scan_source, source_root
 
 PAGE = 1024
@@ -587,3 +589,372 @@ def test_setuid_dropped_when_owner_cannot_be_set(
         assert errors == [FileError("prog", "cannot set owner: Operation not permitted")]
     else:
         assert errors == []  # not root: owners are not ours to set
+
+
+# ---------------------------------------------------------------------- delete
+
+
+def test_delete_file_tree_symlink_and_missing(tmp_path: Path) -> None:
+    dest, outside = tmp_path / "dest", tmp_path / "outside"
+    (dest / "d" / "sub").mkdir(parents=True)
+    outside.mkdir()
+    (outside / "keep").write_bytes(b"keep")
+    (dest / "f").write_bytes(b"f")
+    (dest / "d" / "h").write_bytes(b"h")
+    (dest / "d" / "sub" / "g").write_bytes(b"g")
+    (dest / "d" / "sub" / "ln").symlink_to(outside)
+    (dest / "link").symlink_to(outside)
+    (dest / "stay").write_bytes(b"stay")
+    with FileStore(str(dest), Manifest([])) as store:
+        store.prepare()
+        store.delete([b"d/sub/g", b"link", b"d", b"f", b"missing", b"gone/x", b"d/sub"])
+        assert store.errors == []
+    assert sorted(os.listdir(dest)) == ["stay"]
+    assert sorted(os.listdir(outside)) == ["keep"]  # symlink removed as a link, not followed
+    assert (outside / "keep").read_bytes() == b"keep"
+
+
+def test_delete_refuses_paths_outside_dest(tmp_path: Path) -> None:
+    dest, outside = tmp_path / "dest", tmp_path / "outside"
+    dest.mkdir()
+    outside.mkdir()
+    (outside / "victim").write_bytes(b"v")
+    (dest / "ld").symlink_to(outside)
+    with FileStore(str(dest), Manifest([])) as store:
+        store.prepare()
+        store.delete([b"../outside/victim", b"/etc/passwd", b"ld/victim", b".", b"a//b"])
+        assert [e.path for e in store.errors] == [
+            "../outside/victim",
+            "/etc/passwd",
+            "ld/victim",
+            ".",
+            "a//b",
+        ]
+        assert "symlinks are not followed" in store.errors[2].reason
+    assert (outside / "victim").read_bytes() == b"v"
+    assert (dest / "ld").is_symlink()
+
+
+def test_delete_failure_is_recorded_and_rest_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("a", "b", "c"):
+        (tmp_path / name).write_bytes(b"x")
+    real_unlink = os.unlink
+
+    def unlink(path: bytes, *, dir_fd: int | None = None) -> None:
+        if path == b"b":
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+        real_unlink(path, dir_fd=dir_fd)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    with FileStore(str(tmp_path), Manifest([])) as store:
+        store.prepare()
+        store.delete([b"a", b"b", b"c"])
+        assert store.errors == [FileError("b", "cannot delete: Permission denied")]
+    assert sorted(os.listdir(tmp_path)) == ["b"]
+
+
+# ---------------------------------------------------------------------- backup
+
+
+def test_backup_with_suffix_on_replace_and_delete(tmp_path: Path) -> None:
+    (tmp_path / "f").write_bytes(b"old f")
+    (tmp_path / "f~").write_bytes(b"older backup")  # replaced, as rsync does
+    (tmp_path / "e").write_bytes(b"old e")
+    (tmp_path / "s").symlink_to("old-target")
+    (tmp_path / "gone").write_bytes(b"gone")
+    (tmp_path / "tree" / "sub").mkdir(parents=True)
+    (tmp_path / "tree" / "sub" / "x").write_bytes(b"x")
+    (tmp_path / "tree" / "y~").write_bytes(b"a backup: protected")
+    old_ino = os.stat(tmp_path / "f").st_ino
+    opts = SyncOptions(backup=True, delete=True)
+    manifest = Manifest([F(b"f", b"new f"), F(b"e", b""), L(b"s", b"new-target")])
+    with FileStore(str(tmp_path), manifest, options=opts) as store:
+        store.prepare()
+        store.delete([b"gone", b"tree/sub/x", b"tree/sub", b"tree", b"f~"])
+        send(store, 0, b"new f")
+        assert store.finish_file(0) is None
+        assert store.finish_tree() == []
+    assert (tmp_path / "f").read_bytes() == b"new f"
+    assert (tmp_path / "f~").read_bytes() == b"old f"
+    assert os.stat(tmp_path / "f~").st_ino == old_ino  # linked, not copied
+    assert (tmp_path / "e").read_bytes() == b""
+    assert (tmp_path / "e~").read_bytes() == b"old e"
+    assert os.readlink(tmp_path / "s") == "new-target"
+    assert os.readlink(tmp_path / "s~") == "old-target"
+    assert not (tmp_path / "gone").exists()
+    assert (tmp_path / "gone~").read_bytes() == b"gone"
+    # The tree's files are kept as backups, so the directories stay, holding only backups.
+    assert (tmp_path / "tree" / "sub" / "x~").read_bytes() == b"x"
+    assert sorted(os.listdir(tmp_path / "tree" / "sub")) == ["x~"]
+    assert sorted(os.listdir(tmp_path / "tree")) == ["sub", "y~"]
+    assert (tmp_path / "tree" / "y~").read_bytes() == b"a backup: protected"
+    assert leftovers(tmp_path) == []
+
+
+def test_backup_dir_with_nested_paths(tmp_path: Path) -> None:
+    dest = tmp_path / "dest"
+    (dest / "a" / "b").mkdir(parents=True)
+    (dest / "a" / "b" / "f").write_bytes(b"old f")
+    (dest / "a" / "b" / "del").write_bytes(b"del")
+    (dest / "t" / "u").mkdir(parents=True)
+    (dest / "t" / "u" / "file").write_bytes(b"file")
+    (dest / "t" / "ln").symlink_to("/etc")
+    opts = SyncOptions(backup=True, backup_dir="bak/run1", suffix="")
+    manifest = Manifest([D(b"a"), D(b"a/b"), F(b"a/b/f", b"new f")])
+    with FileStore(str(dest), manifest, options=opts) as store:
+        store.prepare()
+        store.delete([b"a/b/del", b"t/u/file", b"t/u", b"t/ln", b"t", b"bak/run1", b"bak"])
+        send(store, 2, b"new f")
+        assert store.finish_file(2) is None
+        assert store.finish_tree() == []
+    bak = dest / "bak" / "run1"
+    assert (dest / "a" / "b" / "f").read_bytes() == b"new f"
+    assert (bak / "a" / "b" / "f").read_bytes() == b"old f"
+    assert (bak / "a" / "b" / "del").read_bytes() == b"del"
+    assert (bak / "t" / "u" / "file").read_bytes() == b"file"
+    assert os.readlink(bak / "t" / "ln") == "/etc"
+    assert not (dest / "t").exists() and not (dest / "a" / "b" / "del").exists()
+    assert sorted(os.listdir(dest)) == ["a", "bak"]  # the backup dir is never deleted
+
+
+def test_absolute_backup_dir_and_suffix(tmp_path: Path) -> None:
+    dest, bak = tmp_path / "dest", tmp_path / "backups"
+    (dest / "d").mkdir(parents=True)
+    (dest / "d" / "f").write_bytes(b"old")
+    opts = SyncOptions(backup=True, backup_dir=str(bak), suffix=".1")
+    with FileStore(str(dest), Manifest([D(b"d"), F(b"d/f", b"new")]), options=opts) as store:
+        store.prepare()
+        send(store, 1, b"new")
+        assert store.finish_file(1) is None
+        assert store.finish_tree() == []
+    assert (bak / "d" / "f.1").read_bytes() == b"old"
+    assert stat.S_IMODE(os.stat(bak / "d").st_mode) == 0o700
+
+
+def test_backup_across_filesystems_copies(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "f").write_bytes(b"old" * 1000)
+    os.utime(tmp_path / "f", ns=(MTIME, MTIME))
+    real_link = os.link
+
+    def link(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
+
+    monkeypatch.setattr(os, "link", link)
+    opts = SyncOptions(backup=True, backup_dir="bak")
+    with FileStore(str(tmp_path), Manifest([F(b"f", b"new")]), options=opts) as store:
+        store.prepare()
+        send(store, 0, b"new")
+        assert store.finish_file(0) is None
+    monkeypatch.setattr(os, "link", real_link)
+    assert (tmp_path / "bak" / "f~").read_bytes() == b"old" * 1000
+    assert os.stat(tmp_path / "bak" / "f~").st_mtime_ns == MTIME
+    assert (tmp_path / "f").read_bytes() == b"new"
+    assert leftovers(tmp_path) == []
+
+
+def test_backup_failure_keeps_old_file(tmp_path: Path) -> None:
+    (tmp_path / "f").write_bytes(b"old")
+    (tmp_path / "bak").write_bytes(b"not a directory")
+    opts = SyncOptions(backup=True, backup_dir="bak")
+    with FileStore(str(tmp_path), Manifest([F(b"f", b"new")]), options=opts) as store:
+        store.prepare()
+        send(store, 0, b"new")
+        err = store.finish_file(0)
+        assert err is not None and "cannot make backup" in err.reason
+    assert (tmp_path / "f").read_bytes() == b"old"
+    assert leftovers(tmp_path) == []
+
+
+def test_dir_in_the_way_moved_to_backup(tmp_path: Path) -> None:
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "y").write_bytes(b"y")
+    opts = SyncOptions(backup=True)
+    with FileStore(str(tmp_path), Manifest([F(b"x", b"file")]), options=opts) as store:
+        store.prepare()
+        send(store, 0, b"file")
+        assert store.finish_file(0) is None
+    assert (tmp_path / "x").read_bytes() == b"file"
+    assert (tmp_path / "x~" / "y").read_bytes() == b"y"
+
+
+def test_backup_option_checks(tmp_path: Path) -> None:
+    m = Manifest([])
+    with pytest.raises(ValueError, match="--backup and -X cannot be combined"):
+        FileStore(str(tmp_path), m, options=SyncOptions(backup=True, delete_first=True))
+    with pytest.raises(ValueError, match="slashes"):
+        FileStore(str(tmp_path), m, options=SyncOptions(backup=True, suffix="a/b"))
+    with pytest.raises(ValueError, match="empty"):
+        FileStore(str(tmp_path), m, options=SyncOptions(backup=True, suffix=""))
+    FileStore(str(tmp_path), m, options=SyncOptions(backup=True, suffix="", backup_dir="b"))
+    assert FileStore(str(tmp_path), m, options=SyncOptions(numeric_ids=True)).numeric_ids
+    assert not FileStore(
+        str(tmp_path), m, options=SyncOptions(numeric_ids=True), numeric_ids=False
+    ).numeric_ids
+
+
+# ---------------------------------------------------------------------- -X (delete first)
+
+
+def test_delete_first_unlinks_old_before_writing(tmp_path: Path) -> None:
+    old = tmp_path / "f"
+    old.write_bytes(b"o" * 5000)
+    (tmp_path / "probe").hardlink_to(old)  # sees the old inode's link count
+    data = b"n" * 3000
+    opts = SyncOptions(delete_first=True)
+    with FileStore(str(tmp_path), Manifest([F(b"f", data)]), options=opts) as store:
+        store.prepare()
+        assert os.stat(tmp_path / "probe").st_nlink == 2
+        store.write(0, 0, data[:PAGE])
+        assert not old.exists()
+        assert os.stat(tmp_path / "probe").st_nlink == 1
+        send(store, 0, data)
+        assert store.finish_file(0) is None
+    assert old.read_bytes() == data
+
+
+def test_delete_first_failure_says_file_is_gone(tmp_path: Path) -> None:
+    (tmp_path / "f").write_bytes(b"old")
+    opts = SyncOptions(delete_first=True)
+    with FileStore(str(tmp_path), Manifest([F(b"f", b"new")]), options=opts) as store:
+        store.prepare()
+        store.write(0, 0, b"bad")
+        err = store.finish_file(0)
+    assert err is not None and err.reason.startswith("digest mismatch")
+    assert "already removed (-X" in err.reason
+    assert not (tmp_path / "f").exists()
+    assert leftovers(tmp_path) == []
+
+
+# ---------------------------------------------------------------------- hard links (-H)
+
+
+def H(path: bytes, data: bytes, link: int) -> Entry:
+    e = F(path, data)
+    return Entry(e.path, e.kind, e.mode, e.size, e.mtime_ns, e.uid, e.gid, b"", e.digest, link)
+
+
+def test_hard_links_share_an_inode(tmp_path: Path) -> None:
+    data = b"shared content"
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "b").write_bytes(b"old b")
+    (tmp_path / "c").mkdir()  # a directory in the way
+    manifest = Manifest([F(b"a", data), D(b"d"), H(b"d/b", data, 0), H(b"c", data, 2)])
+    with FileStore(str(tmp_path), manifest, options=SyncOptions(hard_links=True)) as store:
+        store.prepare()
+        send(store, 0, data)
+        assert store.finish_file(0) is None
+        assert store.finish_tree() == []
+    inos = {os.stat(tmp_path / p).st_ino for p in ("a", "d/b", "c")}
+    assert len(inos) == 1
+    assert os.stat(tmp_path / "a").st_nlink == 3
+    assert (tmp_path / "d" / "b").read_bytes() == data
+    assert os.stat(tmp_path / "d").st_mtime_ns == MTIME  # dir times set after the links
+    # Already linked: left alone.
+    with FileStore(str(tmp_path), manifest) as store:
+        store.prepare()
+        assert store.finish_tree() == []
+    assert os.stat(tmp_path / "c").st_ino in inos
+    assert leftovers(tmp_path) == []
+
+
+def test_hard_link_to_failed_file_is_reported(tmp_path: Path) -> None:
+    (tmp_path / "b").write_bytes(b"old b")
+    manifest = Manifest([F(b"a", b"data"), H(b"b", b"data", 0)])
+    with FileStore(str(tmp_path), manifest) as store:
+        store.prepare()
+        store.write(0, 0, b"junk")
+        assert store.finish_file(0) is not None
+        errors = store.finish_tree()
+    assert errors[1] == FileError("b", "cannot hard link: a was not updated")
+    assert (tmp_path / "b").read_bytes() == b"old b"
+
+
+# ---------------------------------------------------------------------- sparse
+
+
+def test_zero_pages_leave_holes(tmp_path: Path) -> None:
+    size = 64 << 20
+    data = bytearray(size)
+    data[10 << 20 : (10 << 20) + 5] = b"hello"
+    data[-3:] = b"end"
+    page = 61440
+    with FileStore(str(tmp_path), Manifest([F(b"sparse", bytes(data))])) as store:
+        store.prepare()
+        view = memoryview(data)
+        for off in range(0, size, page):
+            store.write(0, off, view[off : off + page])
+        assert store.finish_file(0) is None
+    st = os.stat(tmp_path / "sparse")
+    assert st.st_size == size
+    assert st.st_blocks * 512 < 1 << 20
+    with open(tmp_path / "sparse", "rb") as f:
+        assert f.read() == data
+
+
+def test_is_zero() -> None:
+    for n in (1, 1400, 61440):
+        z = bytes(n)
+        assert store_mod._is_zero(z, memoryview(z))
+        assert store_mod._is_zero(bytearray(n), memoryview(bytearray(n)))
+        assert store_mod._is_zero(memoryview(z), memoryview(z))
+        for i in {0, n // 2, n - 1}:
+            b = bytearray(n)
+            b[i] = 1
+            assert not store_mod._is_zero(b, memoryview(b))
+            assert not store_mod._is_zero(memoryview(b), memoryview(b))
+
+
+# ---------------------------------------------------------------------- real disk full
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+def test_real_enospc_on_small_tmpfs(tmp_path: Path) -> None:
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if os.system(f"mount -t tmpfs -o size=1m tmpfs {mnt} 2>/dev/null") != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        (mnt / "big").write_bytes(b"old version")
+        rng = random.Random(3)
+        big = rng.randbytes(2 << 20)
+        small = b"small file" * 10
+        free_before = os.statvfs(mnt).f_bfree
+        with FileStore(str(mnt), Manifest([F(b"big", big), F(b"small", small)])) as store:
+            store.prepare()
+            for off in range(0, len(big), 1400):
+                store.write(0, off, big[off : off + 1400])
+            assert store.is_failed(0)
+            err = store.finish_file(0)
+            assert err is not None and "No space left on device" in err.reason
+            assert os.statvfs(mnt).f_bfree >= free_before - 1  # the temp's space came back
+            store.write(1, 0, small)
+            assert store.finish_file(1) is None
+            assert store.finish_tree() == [err]
+        assert (mnt / "big").read_bytes() == b"old version"
+        assert (mnt / "small").read_bytes() == small
+        assert leftovers(mnt) == []
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_delete_before_prepare(tmp_path: Path) -> None:
+    dest = tmp_path / "dest"
+    with FileStore(str(dest), Manifest([F(b"f", b"x")])) as store:
+        store.delete([b"old"])  # no DEST yet: nothing to do, nothing created
+        assert not dest.exists()
+    dest.mkdir()
+    (dest / "old").write_bytes(b"old")
+    (dest / "f").mkdir()  # a dir where the new file goes
+    (dest / "f" / "inner").write_bytes(b"i")
+    with FileStore(str(dest), Manifest([F(b"f", b"x")])) as store:
+        store.delete([b"f/inner", b"f", b"old"])
+        with pytest.raises(RuntimeError, match="prepare"):
+            store.write(0, 0, b"x")
+        store.prepare()
+        store.write(0, 0, b"x")
+        assert store.finish_file(0) is None
+        assert store.finish_tree() == []
+    assert sorted(os.listdir(dest)) == ["f"]
+    assert (dest / "f").read_bytes() == b"x"

@@ -9,6 +9,7 @@ import sys
 
 from mrsync import __version__, exitcodes
 from mrsync.io.net import DEFAULT_PORT, loopback_endpoint
+from mrsync.plan.options import SyncOptions
 
 DESCRIPTION = """\
 Multicast rsync: make one or many target directories identical to SRC, sending every byte once
@@ -44,6 +45,67 @@ def _parse_rate(text: str) -> float:
     return bits
 
 
+class _RuleAction(argparse.Action):
+    """--include/--exclude/--exclude-from into one ordered rule list: rsync's first match wins,
+    so their order on the command line matters."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> None:
+        rules: list[tuple[str, str]] = list(getattr(namespace, self.dest, None) or [])
+        value = str(values)
+        if option_string == "--include":
+            rules.append(("+", value))
+        elif option_string == "--exclude":
+            rules.append(("-", value))
+        else:
+            try:
+                with open(value, encoding="utf-8", errors="surrogateescape") as f:
+                    lines = f.read().splitlines()
+            except OSError as exc:
+                parser.error(f"--exclude-from {value}: {exc.strerror}")
+            for line in lines:
+                if not line.strip() or line[0] in "#;":
+                    continue
+                if line[:2] in ("+ ", "- "):
+                    rules.append((line[0], line[2:]))
+                else:
+                    rules.append(("-", line))
+        setattr(namespace, self.dest, rules)
+
+
+def _sync_options(args: argparse.Namespace) -> SyncOptions:
+    if args.delete_first and (args.backup or args.backup_dir):
+        raise UsageError("--backup and -X cannot be combined")
+    if args.only and args.delete:
+        raise UsageError("-l syncs just the listed files and never deletes: drop --delete")
+    backup = bool(args.backup or args.backup_dir)
+    suffix = args.suffix if args.suffix is not None else ("" if args.backup_dir else "~")
+    if backup and not args.backup_dir and suffix == "":
+        raise UsageError("an empty --suffix needs --backup-dir (the backup would replace the file)")
+    only = tuple(g.strip() for g in (args.only or "").split(",") if g.strip())
+    return SyncOptions(
+        checksum=args.checksum,
+        size_only=args.size_only,
+        update=args.update,
+        ignore_existing=args.ignore_existing,
+        delete=args.delete,
+        delete_first=args.delete_first,
+        backup=backup,
+        suffix=suffix,
+        backup_dir=args.backup_dir,
+        hard_links=args.hard_links,
+        numeric_ids=args.numeric_ids,
+        dry_run=args.dry_run,
+        rules=tuple(args.rules or ()),
+        only=only,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mrsync",
@@ -72,6 +134,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--progress", dest="progress", action="store_true", default=None,
                    help="show live progress (default: when stderr is a terminal)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    sel = p.add_argument_group("what to send (rsync semantics)")
+    sel.add_argument("-c", "--checksum", action="store_true",
+                     help="compare content digests, not size and mtime")
+    sel.add_argument("--size-only", action="store_true",
+                     help="a file of the same size is up to date")
+    sel.add_argument("-u", "--update", action="store_true",
+                     help="skip files that are newer on the target")
+    sel.add_argument("--ignore-existing", action="store_true",
+                     help="skip files that exist on the target")
+    sel.add_argument("-l", "--list", metavar="PATTERNS", dest="only",
+                     help="comma-separated shell globs relative to SRC: sync only these, "
+                          "no tree comparison, no deletion (the original's -l)")
+    sel.add_argument("--exclude", metavar="PATTERN", action=_RuleAction, dest="rules",
+                     help="exclude files matching PATTERN (rsync rules)")
+    sel.add_argument("--include", metavar="PATTERN", action=_RuleAction, dest="rules",
+                     help="don't exclude files matching PATTERN")
+    sel.add_argument("--exclude-from", metavar="FILE", action=_RuleAction, dest="rules",
+                     help="read exclude patterns from FILE")
+    sel.add_argument("-H", "--hard-links", action="store_true", help="preserve hard links")
+    sel.add_argument("--numeric-ids", action="store_true",
+                     help="owner and group by number (they are applied when run as root)")
+    app = p.add_argument_group("how to apply it")
+    app.add_argument("--delete", action="store_true",
+                     help="delete what the source no longer has (not with -l)")
+    app.add_argument("-X", "--delete-first", action="store_true",
+                     help="delete the old file before writing the new one (nearly full disks)")
+    app.add_argument("-b", "--backup", action="store_true",
+                     help="keep replaced and deleted files (NAME~, see --suffix)")
+    app.add_argument("--suffix", metavar="SUFFIX",
+                     help='backup suffix (default "~", or none with --backup-dir)')
+    app.add_argument("--backup-dir", metavar="DIR",
+                     help="keep backups in DIR (relative to DEST unless absolute); implies -b")
+    app.add_argument("-n", "--dry-run", action="store_true",
+                     help="list what would change on each target, rsync -i style; touch nothing")
     p.add_argument("--version", action="version", version=f"mrsync {__version__}")
     p.add_argument("--server", action="store_true", help=argparse.SUPPRESS)
     return p
@@ -101,8 +197,11 @@ def _resolve(args: argparse.Namespace) -> tuple[str, list[str]]:
                 f"remote targets are not supported yet ({', '.join(remote)}); "
                 "only localhost or local DEST directories"
             )
+        # The original form mirrors the directory: -s /srv/data makes each target's
+        # /srv/data (or -t DIR) hold the contents of /srv/data, never /srv/data/data.
+        source = args.source.rstrip("/") + "/"
         dest = args.target_path or args.source
-        return args.source, [dest] * len(set(hosts))
+        return source, [dest]  # every local host name is this one machine: one target
     if len(args.paths) < 2:
         raise UsageError("need SRC and at least one DEST")
     source, *dests = args.paths
@@ -137,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         source, dests = _resolve(args)
         _check_paths(source, dests)
+        sync = _sync_options(args)
     except UsageError as exc:
         parser.print_usage(sys.stderr)
         print(f"mrsync: error: {exc}", file=sys.stderr)
@@ -156,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         rate=args.rate / 8 if args.rate else None,
         verbose=args.verbose,
         progress=progress,
+        sync=sync,
     )
     reporter = Reporter(verbose=args.verbose, progress=progress)
     try:
@@ -173,9 +274,4 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mrsync: error: {exc}", file=sys.stderr)
         return exitcodes.SESSION_FAILED
     reporter.summary(result)
-    good = [t for t in result.targets if t.failure is None and t.result and not t.result.errors]
-    if len(good) == len(result.targets):
-        return exitcodes.OK
-    if not any(t.failure is None for t in result.targets):
-        return exitcodes.SESSION_FAILED
-    return exitcodes.PARTIAL
+    return result.exit_code()

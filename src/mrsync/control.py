@@ -12,6 +12,8 @@ import struct
 
 import msgspec
 
+from mrsync.plan.options import SyncOptions
+
 MAX_MESSAGE = 64 * 1024 * 1024  # a frame longer than this is a broken stream, not a message
 _LENGTH = struct.Struct("!I")
 
@@ -34,6 +36,7 @@ class Hello(msgspec.Struct, tag=True):
     report_every: int
     max_datagram: int  # largest datagram the path carries, for sizing feedback
     verbose: int = 0
+    options: SyncOptions = SyncOptions()
 
 
 class HelloOk(msgspec.Struct, tag=True):
@@ -64,6 +67,8 @@ class Needs(msgspec.Struct, tag=True):
     objects: bytes
     files: int
     size: int  # bytes of content it lacks
+    deletions: int = 0
+    itemized: list[str] = []  # rsync -i style lines, filled for --dry-run (and -v 2)
 
 
 class TransferDone(msgspec.Struct, tag=True):
@@ -80,6 +85,7 @@ class Result(msgspec.Struct, tag=True):
 
     files_written: int
     bytes_written: int
+    deleted: int
     errors: list[FileFailure]
     counters: dict[str, int]
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import blake3
 
-from mrsync import PROTOCOL_VERSION
+from mrsync import PROTOCOL_VERSION, exitcodes
 from mrsync.control import (
     Bye,
     Failure,
@@ -44,6 +44,7 @@ from mrsync.engine.sender import ReceiverLost, SendDatagram, Sender, SendPage
 from mrsync.io.net import IP_UDP_HEADERS, Endpoint, interface_mtu, open_sender
 from mrsync.io.source import BlobPages, FilePages
 from mrsync.plan.manifest import Kind, Manifest, encode_manifest
+from mrsync.plan.options import SyncOptions
 from mrsync.plan.scan import scan_source, source_root
 from mrsync.report import Reporter
 from mrsync.wire import DATA_OVERHEAD, encode_data
@@ -63,6 +64,7 @@ class JobOptions:
     rate: float | None = None  # payload bytes per second; None = no cap
     verbose: int = 0
     progress: bool = False
+    sync: SyncOptions = field(default_factory=SyncOptions)
 
 
 @dataclass
@@ -95,10 +97,25 @@ class JobResult:
     elapsed: float
     sender_stats: dict[str, int]
     warnings: list[str]
+    dry_run: bool = False
 
     @property
     def failed(self) -> list[Target]:
         return [t for t in self.targets if t.failure is not None]
+
+    def identical(self, t: Target) -> bool:
+        """The target ended identical (for a dry run: it answered)."""
+        if t.failure is not None:
+            return False
+        return self.dry_run or (t.result is not None and not t.result.errors)
+
+    def exit_code(self) -> int:
+        good = sum(self.identical(t) for t in self.targets)
+        if good == len(self.targets):
+            return exitcodes.OK
+        if all(t.failure is not None for t in self.targets):
+            return exitcodes.SESSION_FAILED
+        return exitcodes.PARTIAL
 
     @property
     def file_errors(self) -> list[tuple[Target, FileFailure]]:
@@ -131,13 +148,14 @@ class Job:
         self.sender: Sender | None = None
         self._transfer = 0
         self._buf = bytearray(65536)
+        self._wire_bytes = 0  # UDP payload bytes multicast to the group, all transfers
 
     # -- the whole job ----------------------------------------------------------------------
 
     def run(self) -> JobResult:
         start = time.monotonic()
         warnings: list[str] = []
-        manifest = scan_source(self.options.source, warnings)
+        manifest = scan_source(self.options.source, warnings, options=self.options.sync)
         for w in warnings:
             self.reporter.warn(w)
         blob = encode_manifest(manifest)
@@ -153,6 +171,12 @@ class Job:
             self._transfer_blob(blob, sender_stats)
             self._pump(lambda: all(t.needs or not t.alive for t in self.targets),
                        timeout=None, what="plan")
+            if self.options.sync.dry_run:
+                # Each target has said what it would change; nothing is sent or touched.
+                for t in self.targets:
+                    if t.needs is not None:
+                        self.reporter.itemize(t.name, t.needs.itemized)
+                return self._result(manifest, [], start, sender_stats, warnings)
             # Transfer 2: the union of what the targets lack, once, to all.
             wanted: set[int] = set()
             for t in self.targets:
@@ -165,6 +189,16 @@ class Job:
         finally:
             self._stop_targets()
             self.sock.close()
+        return self._result(manifest, union, start, sender_stats, warnings)
+
+    def _result(
+        self,
+        manifest: Manifest,
+        union: list[int],
+        start: float,
+        sender_stats: dict[str, int],
+        warnings: list[str],
+    ) -> JobResult:
         return JobResult(
             targets=self.targets,
             manifest=manifest,
@@ -173,6 +207,7 @@ class Job:
             elapsed=time.monotonic() - start,
             sender_stats=sender_stats,
             warnings=warnings,
+            dry_run=self.options.sync.dry_run,
         )
 
     def _transfer_blob(self, blob: bytes, stats: dict[str, int]) -> None:
@@ -238,6 +273,7 @@ class Job:
             ("polls", s.polls_sent), ("feedback", s.feedback),
         ):
             stats[name] = stats.get(name, 0) + value
+        stats["wire_bytes"] = self._wire_bytes
         for reason, count in s.dropped.items():
             stats[f"dropped_{reason}"] = stats.get(f"dropped_{reason}", 0) + count
 
@@ -269,9 +305,11 @@ class Job:
                         datagram = encode_data(self.key, self.session, sender.transfer,
                                                action.seq, action.obj, action.page, payload)
                         self.sock.sendto(datagram, dest)
+                        self._wire_bytes += len(datagram)
                         self.reporter.sent(length, action.repair)
                     elif isinstance(action, SendDatagram):
                         self.sock.sendto(action.data, dest)
+                        self._wire_bytes += len(action.data)
                     elif isinstance(action, ReceiverLost):
                         self._fail(self.targets[action.receiver], action.reason)
                 wait = max(0.0, min(wait, sender.next_wakeup(time.monotonic()) - now))
@@ -329,6 +367,7 @@ class Job:
                     feedback_port=port, page_size=self.page_size,
                     report_every=max(1, self.window // 4), max_datagram=self.max_datagram,
                     verbose=self.options.verbose,
+                    options=self.options.sync,
                 ),
             )
 

@@ -31,9 +31,17 @@ def human(n: float) -> str:
 
 
 class Reporter:
-    def __init__(self, *, verbose: int, progress: bool, stream: TextIO | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        verbose: int,
+        progress: bool,
+        stream: TextIO | None = None,
+        out: TextIO | None = None,
+    ) -> None:
         self.verbose = verbose
-        self.stream = stream or sys.stderr
+        self.stream = stream or sys.stderr  # progress, logs, summary
+        self.out = out or sys.stdout  # what the user asked to see: the dry run's itemized list
         self._console = Console(file=self.stream)
         self._progress: Progress | None = None
         self._task: TaskID | None = None
@@ -89,6 +97,13 @@ class Reporter:
         self._targets_done += 1
         self.log(2, f"{name}: complete")
 
+    def itemize(self, name: str, lines: list[str]) -> None:
+        """A dry run's answer from one target, rsync -i style, one block per target."""
+        self.close()
+        print(f"{name}: {len(lines)} changes" + (":" if lines else ""), file=self.out, flush=True)
+        for line in lines:
+            print(f"  {line}", file=self.out, flush=True)
+
     def target_failed(self, name: str, reason: str) -> None:
         self._print(f"mrsync: {name}: FAILED: {reason}")
 
@@ -103,17 +118,28 @@ class Reporter:
         self.close()
         for target, error in result.file_errors:
             self._print(f"mrsync: {target.name}: {error.path}: {error.reason}")
-        ok = [t for t in result.targets if t.failure is None and t.result and not t.result.errors]
+        ok = [t for t in result.targets if result.identical(t)]
         s = result.sender_stats
         data = s.get("bytes_sent", 0)
         resent = s.get("bytes_resent", 0)
         rate = (data + resent) / result.elapsed if result.elapsed > 0 else 0.0
+        if result.dry_run:
+            self._print(f"dry run: {len(result.targets) - len(result.failed)} of "
+                        f"{len(result.targets)} targets answered; nothing was changed")
+            for t in result.failed:
+                self._print(f"failed: {t.name} ({t.failure})")
+            return
         lines = [
             f"{len(ok)} of {len(result.targets)} targets identical; "
             f"{result.union_files} files, {human(result.union_bytes)} sent once to all "
             f"in {result.elapsed:.2f} s ({human(rate)}/s); "
             f"re-sent {human(resent)} ({100 * resent / data if data else 0:.1f}%)",
         ]
+        if self.verbose >= 2:
+            lines.append(
+                f"data bytes: {data} first pass, {resent} re-sent, "
+                f"{s.get('wire_bytes', 0)} in datagrams on the group"
+            )
         if self.verbose >= 1:
             for t in result.targets:
                 if t.result is not None:
@@ -121,7 +147,8 @@ class Reporter:
                     drops = sum(v for k, v in r.counters.items() if k.startswith("dropped_"))
                     lines.append(
                         f"  {t.name}: {r.files_written} files, {human(r.bytes_written)} written, "
-                        f"{len(r.errors)} errors, {drops} datagrams dropped"
+                        f"{r.deleted} deleted, {len(r.errors)} errors, "
+                        f"{drops} datagrams dropped"
                     )
                 if self.verbose >= 2 and t.result is not None:
                     lines.append(f"    counters: {t.result.counters}")

@@ -22,7 +22,9 @@ from collections.abc import Iterator
 
 import blake3
 
+from mrsync.plan.filters import Filter, only_matcher
 from mrsync.plan.manifest import Entry, Kind, Manifest
+from mrsync.plan.options import SyncOptions
 
 # Chunked reads rather than ``blake3.update_mmap``: a mapped file that another process truncates
 # while we hash it raises SIGBUS and would kill the whole master. With 4 MiB reads and
@@ -176,8 +178,8 @@ def _entry(rel: bytes, full: bytes, st: os.stat_result, warnings: list[str] | No
 
 def _children(
     dir_full: bytes, dir_rel: bytes, warnings: list[str] | None
-) -> Iterator[tuple[Entry, bytes]]:
-    """(entry, full path) of each child of a directory, sorted by name bytes."""
+) -> Iterator[tuple[bytes, bytes, os.stat_result]]:
+    """(relative path, full path, lstat) of each child of a directory, sorted by name bytes."""
     try:
         with os.scandir(dir_full) as it:
             names = sorted(e.name for e in it)
@@ -200,9 +202,7 @@ def _children(
             continue
         except OSError as exc:
             raise ScanError(display(full), _reason(exc)) from exc
-        entry = _entry(rel, full, st, warnings)
-        if entry is not None:
-            yield entry, full
+        yield rel, full, st
 
 
 def source_root(src: str) -> bytes:
@@ -218,9 +218,45 @@ def source_root(src: str) -> bytes:
     return os.path.dirname(stripped) or (b"/" if bsrc.startswith(b"/") else b".")
 
 
-def scan_source(src: str, warnings: list[str] | None = None) -> Manifest:
+class _Frame:
+    """One open directory of the walk: its remaining children and, for ``-l``, whether its
+    entry is in the manifest yet and whether everything below it is selected."""
+
+    __slots__ = ("children", "entry", "emitted", "whole")
+
+    def __init__(
+        self,
+        children: Iterator[tuple[bytes, bytes, os.stat_result]],
+        entry: Entry,
+        emitted: bool,
+        whole: bool,
+    ) -> None:
+        self.children = children
+        self.entry = entry
+        self.emitted = emitted
+        self.whole = whole
+
+
+def scan_source(
+    src: str, warnings: list[str] | None = None, *, options: SyncOptions | None = None
+) -> Manifest:
     """Scan SRC (see the module docstring). Special files are skipped with a warning appended
-    to ``warnings``; anything unreadable raises :class:`ScanError`."""
+    to ``warnings``; anything unreadable raises :class:`ScanError`.
+
+    With ``options``:
+
+    * ``rules``: excluded entries are left out and excluded directories are not descended
+      (see :mod:`mrsync.plan.filters`); a SRC without a trailing slash whose own name is
+      excluded gives an empty manifest, as rsync then transfers nothing;
+    * ``only`` (``-l``): just the selected files, symlinks and directory subtrees, plus the
+      directories leading to them (with their real metadata); globs are relative to SRC;
+    * ``hard_links`` (``-H``): a FILE whose (st_dev, st_ino) was already seen in this scan
+      gets ``link`` = the index of the first one, with its size and digest (not hashed
+      again). A file whose other names are all outside the tree (or excluded) is a normal file.
+    """
+    opts = options if options is not None else SyncOptions()
+    filt = Filter(opts.rules)
+    only = only_matcher(opts.only) if opts.only else None
     bsrc = os.fsencode(src)
     if not bsrc:
         raise ScanError(src, "empty source path")
@@ -232,6 +268,8 @@ def scan_source(src: str, warnings: list[str] | None = None) -> Manifest:
     except OSError as exc:
         raise ScanError(display(bsrc), _reason(exc)) from exc
 
+    if not contents and filt and filt.excluded(base, stat.S_ISDIR(st.st_mode)):
+        return Manifest([])
     if stat.S_ISDIR(st.st_mode):
         rel_root = b"" if contents else base
         top = _entry(b"." if contents else base, bsrc, st, warnings)
@@ -245,18 +283,72 @@ def scan_source(src: str, warnings: list[str] | None = None) -> Manifest:
     assert top is not None
 
     entries = [top]
+    inodes: dict[tuple[int, int], int] = {}  # (st_dev, st_ino) -> index of its first FILE
+    cut = len(rel_root) + 1 if rel_root else 0  # strips "name/" for -l globs
+
     # Pre-order walk with an explicit stack (no recursion limit on deep trees). Only the open
     # directories along the current path are held, each as its sorted list of children.
-    stack = [_children(bsrc, rel_root, warnings)]
+    stack = [_Frame(_children(bsrc, rel_root, warnings), top, True, only is None)]
+
+    def emit_parents() -> None:
+        for frame in stack:
+            if not frame.emitted:
+                entries.append(frame.entry)
+                frame.emitted = True
+
     while stack:
         try:
-            entry, full = next(stack[-1])
+            rel, full, cst = next(stack[-1].children)
         except StopIteration:
             stack.pop()
             continue
-        entries.append(entry)
-        if entry.kind == Kind.DIR:
-            stack.append(_children(full, entry.path, warnings))
+        is_dir = stat.S_ISDIR(cst.st_mode)
+        if filt and filt.excluded(rel, is_dir):
+            continue
+        whole = stack[-1].whole
+        if only is not None and not whole:
+            if only(rel[cut:], is_dir):
+                whole = True
+            elif not (is_dir and only.may_contain(rel[cut:])):
+                continue
+        if is_dir:
+            entry = Entry(
+                rel,
+                Kind.DIR,
+                stat.S_IMODE(cst.st_mode),
+                0,
+                cst.st_mtime_ns,
+                cst.st_uid,
+                cst.st_gid,
+            )
+            if whole:
+                emit_parents()
+                entries.append(entry)
+            stack.append(_Frame(_children(full, rel, warnings), entry, whole, whole))
+            continue
+        key = (cst.st_dev, cst.st_ino)
+        first = inodes.get(key) if opts.hard_links and stat.S_ISREG(cst.st_mode) else None
+        if first is not None:
+            model = entries[first]
+            new: Entry | None = Entry(
+                rel,
+                Kind.FILE,
+                stat.S_IMODE(cst.st_mode),
+                model.size,
+                cst.st_mtime_ns,
+                cst.st_uid,
+                cst.st_gid,
+                digest=model.digest,
+                link=first,
+            )
+        else:
+            new = _entry(rel, full, cst, warnings)
+        if new is None:
+            continue
+        emit_parents()
+        if opts.hard_links and first is None and new.kind == Kind.FILE and cst.st_nlink > 1:
+            inodes[key] = len(entries)
+        entries.append(new)
     return Manifest(entries)
 
 

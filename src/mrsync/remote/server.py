@@ -84,6 +84,7 @@ class TargetSession:
         self.blob = bytearray()
         self.needed: list[int] = []
         self.store: FileStore | None = None
+        self.deleted = 0
         self.finished = False
 
     def send(self, message: Message) -> None:
@@ -163,21 +164,29 @@ class TargetSession:
             raise _Fatal(f"refusing manifest: {exc}") from exc
         self.manifest = manifest
         self.blob = bytearray()
-        needs = compare(manifest, self.dest)
+        options = self.hello.options
+        needs = compare(manifest, self.dest, options)
         self.needed = sorted(needs.data)
-        self.store = FileStore(self.dest, manifest)
-        try:
-            self.store.prepare()
-        except StoreError as exc:
-            raise _Fatal(str(exc)) from exc
         entries = manifest.entries
-        self.send(
-            Needs(
-                objects=bitmap_from_ids(self.needed, len(entries)),
-                files=len(self.needed),
-                size=sum(entries[i].size for i in self.needed),
-            )
+        report = Needs(
+            objects=bitmap_from_ids(self.needed, len(entries)),
+            files=len(self.needed),
+            size=sum(entries[i].size for i in self.needed),
+            deletions=len(needs.delete),
+            itemized=needs.itemized if options.dry_run or self.hello.verbose >= 2 else [],
         )
+        if options.dry_run:
+            self.send(report)  # and touch nothing; the master ends the session
+            return
+        try:
+            self.store = FileStore(self.dest, manifest, options=options)
+            self.store.prepare()
+            # Deleting before the data arrives frees space for it (rsync's --delete-before).
+            self.store.delete(needs.delete)
+            self.deleted = len(needs.delete)
+        except (StoreError, ValueError) as exc:
+            raise _Fatal(str(exc)) from exc
+        self.send(report)
 
     def finish(self, transfer: int) -> None:
         assert self.store is not None
@@ -197,6 +206,7 @@ class TargetSession:
             Result(
                 files_written=sum(not self.store.is_failed(i) for i in self.needed),
                 bytes_written=stats.bytes_written,
+                deleted=self.deleted,
                 errors=[FileFailure(e.path, e.reason) for e in self.store.errors],
                 counters=counters,
             )
