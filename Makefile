@@ -21,13 +21,13 @@ PYTEST_ARGS ?=
 BENCH_ARGS ?=
 export PYTHON
 
-# Network safety: as root, the tests run in a network namespace of their own, where only lo
-# exists, so nothing they do can put a packet on a real interface. Not root: local tests use
-# loopback only (multicast pinned to lo with TTL 0), and a normal user cannot make namespaces.
+# Network safety: the tests run in a network namespace of their own, where only lo exists, so
+# nothing they do can put a packet on a real interface (as a normal user, inside a user
+# namespace too: unshare -rn). tests/conftest.py refuses to run anywhere else.
 ifeq ($(shell id -u),0)
 ISOLATE := unshare -n sh -c 'ip link set lo up && exec "$$0" "$$@"'
 else
-ISOLATE :=
+ISOLATE := unshare -rn sh -c 'ip link set lo up && exec "$$0" "$$@"'
 endif
 
 .PHONY: help venv demo test test-deps lint bench clean distclean

@@ -3,6 +3,7 @@ from __future__ import annotations
 import itertools
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,19 @@ from pathlib import Path
 import pytest
 
 _ports = itertools.count(20000 + os.getpid() % 20000)
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Network safety: the suite runs only where no packet can leave the machine, i.e. in a
+    network namespace of its own whose only interface is lo (`make test` puts it there). Labs
+    of namespaces are created from inside it. Refuse to run anywhere else."""
+    others = [name for _, name in socket.if_nameindex() if name != "lo"]
+    if others:
+        pytest.exit(
+            f"refusing to run: this network namespace has interfaces {others}; run the tests "
+            "with `make test`, which runs them in a private network namespace (unshare -n)",
+            returncode=3,
+        )
 
 
 @pytest.fixture

@@ -117,8 +117,21 @@ def test_usage_errors(tmp_path: Path) -> None:
     assert "does not exist" in missing.stderr
     same = run_mrsync(f"{tmp_path}/", str(tmp_path))
     assert same.returncode == exitcodes.USAGE
-    remote = run_mrsync(f"{tmp_path}/", "host:/x")
-    assert remote.returncode == exitcodes.USAGE and "not supported yet" in remote.stderr
+    twice = run_mrsync(f"{tmp_path}/", str(tmp_path / "d"), str(tmp_path / "d"))
+    assert twice.returncode == exitcodes.USAGE and "given twice" in twice.stderr
+
+
+def test_unreachable_host_fails_fast_with_its_name(tmp_path: Path, port: int) -> None:
+    """A remote shell that cannot reach the host: reported by name, with the shell's own words,
+    and the local target still finishes."""
+    src = make_tree(tmp_path / "src")
+    rsh = "sh -c 'echo ssh: Could not resolve hostname $0 >&2; exit 255'"
+    res = run_mrsync("-P", str(port), "-I", "lo", "-e", rsh, f"{src}/", "ghost.invalid:/data",
+                     str(tmp_path / "local"))
+    assert res.returncode == exitcodes.PARTIAL, res.stderr
+    assert "ghost.invalid:/data: FAILED" in res.stderr
+    assert "Could not resolve hostname ghost.invalid" in res.stderr
+    assert rsync_differences(src, tmp_path / "local") == ""
 
 
 def test_help_reads_well() -> None:

@@ -8,23 +8,23 @@ import socket
 import sys
 
 from mrsync import __version__, exitcodes
-from mrsync.io.net import DEFAULT_PORT, loopback_endpoint
+from mrsync.io.net import DEFAULT_PORT, loopback_endpoint, network_endpoint
 from mrsync.plan.options import SyncOptions
+from mrsync.remote.targets import TargetSpec, host_target, parse_target
 
 DESCRIPTION = """\
 Multicast rsync: make one or many target directories identical to SRC, sending every byte once
 over IP multicast and repairing what each target lost.
 
-  mrsync [OPTIONS] SRC DEST [DEST ...]     each DEST a local directory
-  mrsync [OPTIONS] -s SRC -t DEST -m TARGETS   the original mrsync form
+  mrsync [OPTIONS] SRC DEST [DEST ...]         DEST: a directory, or [user@]host:path
+  mrsync [OPTIONS] -s SRC -t DEST -m TARGETS   the original mrsync form (hosts in -m)
 
 As with rsync, "SRC/" (trailing slash) syncs the directory's contents into DEST, and "SRC"
-syncs the directory itself, as DEST/NAME. Local targets receive over multicast pinned to
-loopback (TTL 0): a local sync never puts a packet on a network interface.
+syncs the directory itself, as DEST/NAME. Receivers on hosts are started through the remote
+shell (-e, ssh by default) as "mrsync --server"; their control stream is that command's
+stdin/stdout and all file data travels over the multicast group. When every target is local,
+the group is pinned to loopback with TTL 0: no packet is put on a network interface.
 """
-
-LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1", "ip6-localhost"}
-
 
 class UsageError(Exception):
     pass
@@ -125,6 +125,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-P", "--port", type=int, default=DEFAULT_PORT,
                    help=f"UDP port of the group (default {DEFAULT_PORT})")
     p.add_argument("-6", "--ipv6", action="store_true", help="use IPv6 for the data plane")
+    p.add_argument("-e", "--rsh", metavar="CMD", default="ssh",
+                   help='remote shell that starts receivers on hosts (default "ssh"; e.g. '
+                        '"ssh -p 2222 -i KEY", or "ip netns exec" for a lab)')
+    p.add_argument("--mrsync-path", metavar="PATH", default="mrsync",
+                   help='mrsync on the targets (default "mrsync" on their PATH)')
+    p.add_argument("-I", "--interface", metavar="NAME",
+                   help="send the group on this interface (default: the route to the group)")
+    p.add_argument("-T", "--ttl", type=int, metavar="N",
+                   help="multicast TTL / hop limit (default 1; 0 when every target is local)")
+    p.add_argument("--sitout-lag", type=float, default=2.0, metavar="SECONDS",
+                   help="a target this far behind the sender sits out and is caught up by "
+                        "unicast afterwards, so it never holds the others back (default 2)")
     p.add_argument("-v", "--verbose", type=int, choices=(0, 1, 2), default=0, metavar="0|1|2",
                    help="verbosity: 0 quiet (default), 1 per-target summary, 2 counters")
     p.add_argument("--page-size", type=int, metavar="BYTES",
@@ -181,8 +193,8 @@ def _read_machines(spec: str) -> list[str]:
     return [h.strip() for h in spec.split(",") if h.strip()]
 
 
-def _resolve(args: argparse.Namespace) -> tuple[str, list[str]]:
-    """(source, local destination directories) from either command-line form."""
+def _resolve(args: argparse.Namespace) -> tuple[str, list[TargetSpec]]:
+    """(source, targets) from either command-line form."""
     if args.source or args.machines:
         if args.paths:
             raise UsageError("give either SRC DEST... or -s/-t/-m, not both")
@@ -191,39 +203,37 @@ def _resolve(args: argparse.Namespace) -> tuple[str, list[str]]:
         hosts = _read_machines(args.machines)
         if not hosts:
             raise UsageError(f"no targets in {args.machines!r}")
-        remote = [h for h in hosts if h not in LOCAL_HOSTS]
-        if remote:
-            raise UsageError(
-                f"remote targets are not supported yet ({', '.join(remote)}); "
-                "only localhost or local DEST directories"
-            )
         # The original form mirrors the directory: -s /srv/data makes each target's
         # /srv/data (or -t DIR) hold the contents of /srv/data, never /srv/data/data.
         source = args.source.rstrip("/") + "/"
-        dest = args.target_path or args.source
-        return source, [dest]  # every local host name is this one machine: one target
+        dest = args.target_path or os.path.abspath(args.source)
+        specs: list[TargetSpec] = []
+        for h in dict.fromkeys(hosts):
+            spec = host_target(h, dest)
+            if spec not in specs:  # every local host name is this one machine
+                specs.append(spec)
+        return source, specs
     if len(args.paths) < 2:
         raise UsageError("need SRC and at least one DEST")
     source, *dests = args.paths
-    for d in dests:
-        head = d.split("/", 1)[0]
-        if ":" in head:
-            raise UsageError(f"remote target {d!r}: host:path targets are not supported yet")
-    return source, dests
+    try:
+        return source, [parse_target(d) for d in dests]
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
-def _check_paths(source: str, dests: list[str]) -> None:
+def _check_paths(source: str, targets: list[TargetSpec]) -> None:
     if not os.path.lexists(source):
         raise UsageError(f"source {source!r} does not exist")
     src_real = os.path.realpath(source)
     seen: set[str] = set()
-    for d in dests:
-        real = os.path.realpath(d)
-        if real == src_real:
-            raise UsageError(f"destination {d!r} is the source itself")
-        if real in seen:
-            raise UsageError(f"destination {d!r} is given twice")
-        seen.add(real)
+    for t in targets:
+        key = os.path.realpath(t.path) if t.host is None else t.name
+        if t.host is None and key == src_real:
+            raise UsageError(f"destination {t.path!r} is the source itself")
+        if key in seen:
+            raise UsageError(f"target {t.name!r} is given twice")
+        seen.add(key)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -234,8 +244,8 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_server()
     try:
-        source, dests = _resolve(args)
-        _check_paths(source, dests)
+        source, targets = _resolve(args)
+        _check_paths(source, targets)
         sync = _sync_options(args)
     except UsageError as exc:
         parser.print_usage(sys.stderr)
@@ -248,10 +258,24 @@ def main(argv: list[str] | None = None) -> int:
 
     family = socket.AF_INET6 if args.ipv6 else socket.AF_INET
     progress = sys.stderr.isatty() if args.progress is None else args.progress
+    local_only = all(t.host is None for t in targets)
+    try:
+        if local_only and not args.interface:
+            endpoint = loopback_endpoint(family, args.address, args.port)
+        else:
+            endpoint = network_endpoint(family, args.address, args.port, args.interface)
+    except OSError as exc:
+        print(f"mrsync: error: cannot choose the multicast interface: {exc}", file=sys.stderr)
+        return exitcodes.USAGE
+    ttl = args.ttl if args.ttl is not None else (0 if local_only and not args.interface else 1)
     options = JobOptions(
         source=source,
-        dests=dests,
-        endpoint=loopback_endpoint(family, args.address, args.port),
+        targets=targets,
+        endpoint=endpoint,
+        ttl=ttl,
+        rsh=args.rsh,
+        mrsync_path=args.mrsync_path,
+        sitout_lag=args.sitout_lag if args.sitout_lag > 0 else None,
         page_size=args.page_size,
         rate=args.rate / 8 if args.rate else None,
         verbose=args.verbose,

@@ -29,7 +29,7 @@ class Hello(msgspec.Struct, tag=True):
     group: str  # multicast group address
     port: int
     family: int  # socket.AF_INET or AF_INET6
-    interface: str  # address (IPv4) or interface name (IPv6) to join the group on
+    interface: str  # interface to join the group on; "" = the one the route to the master uses
     feedback_host: str  # where to send FEEDBACK datagrams
     feedback_port: int
     page_size: int
@@ -43,6 +43,8 @@ class HelloOk(msgspec.Struct, tag=True):
     version: int
     hostname: str
     pid: int
+    address: str  # the target's address on the data plane
+    data_port: int  # its unicast socket: catch-up data after sitting out is sent there
 
 
 class StartTransfer(msgspec.Struct, tag=True):

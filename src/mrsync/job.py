@@ -1,8 +1,13 @@
-"""One sync: plan -> start targets -> manifest transfer -> data transfer -> report.
+"""One sync: plan -> start targets -> manifest transfer -> data transfer -> catch-up -> report.
 
 This is the master's thin I/O layer: it owns the processes, pipes and the UDP socket, feeds
-their events to the ``Sender`` state machine and the per-target bookkeeping, and performs the
+their events to the ``Sender`` state machines and the per-target bookkeeping, and performs the
 actions they return. The protocol decisions live in ``mrsync.engine``.
+
+A *flow* is one sender machine with the place its datagrams go: the group for a transfer to
+everyone, or one target's unicast address when that target sat out and is being caught up.
+Several flows can run at once (catch-ups of several targets); feedback is authenticated once
+here and handed to the flow that serves its receiver.
 """
 
 from __future__ import annotations
@@ -13,8 +18,8 @@ import secrets
 import selectors
 import socket
 import subprocess
-import sys
 import time
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -40,24 +45,33 @@ from mrsync.control import (
     ids_from_bitmap,
 )
 from mrsync.engine.layout import Layout
-from mrsync.engine.sender import ReceiverLost, SendDatagram, Sender, SendPage
+from mrsync.engine.sender import (
+    ReceiverLost,
+    ReceiverSatOut,
+    SendDatagram,
+    Sender,
+    SendPage,
+)
 from mrsync.io.net import IP_UDP_HEADERS, Endpoint, interface_mtu, open_sender
 from mrsync.io.source import BlobPages, FilePages
 from mrsync.plan.manifest import Kind, Manifest, encode_manifest
 from mrsync.plan.options import SyncOptions
 from mrsync.plan.scan import scan_source, source_root
+from mrsync.remote.targets import TargetSpec, server_command
 from mrsync.report import Reporter
-from mrsync.wire import DATA_OVERHEAD, encode_data
+from mrsync.wire import DATA_OVERHEAD, DecodeError, Feedback, decode, encode_data
 
 MANIFEST_OBJECT = 0
 HANDSHAKE_TIMEOUT = 30.0  # seconds for a target to start and answer
 WINDOW_BYTES = 12 * 1024 * 1024  # in flight beyond the slowest target: a third of its buffer
 
+Address = tuple[str, int] | tuple[str, int, int, int]
+
 
 @dataclass
 class JobOptions:
     source: str
-    dests: list[str]
+    targets: list[TargetSpec]
     endpoint: Endpoint
     ttl: int = 0
     page_size: int | None = None
@@ -65,6 +79,10 @@ class JobOptions:
     verbose: int = 0
     progress: bool = False
     sync: SyncOptions = field(default_factory=SyncOptions)
+    rsh: str = "ssh"
+    mrsync_path: str = "mrsync"
+    sitout_lag: float | None = 2.0
+    silence_timeout: float = 30.0
 
 
 @dataclass
@@ -72,20 +90,33 @@ class Target:
     """The master's view of one target."""
 
     rid: int
-    name: str
-    dest: str
+    spec: TargetSpec
     proc: subprocess.Popen[bytes] | None = None
     reader: FrameReader = field(default_factory=FrameReader)
+    stderr_tail: deque[str] = field(default_factory=lambda: deque(maxlen=5))
     hello: HelloOk | None = None
     ready: set[int] = field(default_factory=set)
     needs: Needs | None = None
     done: set[int] = field(default_factory=set)
     result: Result | None = None
     failure: str | None = None
+    sat_out: bool = False
+    caught_up: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
 
     @property
     def alive(self) -> bool:
         return self.failure is None
+
+
+@dataclass
+class Flow:
+    sender: Sender
+    source: BlobPages | FilePages
+    dest: Address
 
 
 @dataclass
@@ -125,8 +156,7 @@ class JobResult:
 def choose_page_size(endpoint: Endpoint) -> int:
     """The largest page whose datagram crosses the path without IP fragmentation, rounded down
     to a multiple of 4 KiB when it is that large (file-system friendly writes)."""
-    name = endpoint.interface if endpoint.family == socket.AF_INET6 else "lo"
-    mtu = min(interface_mtu(name), 65535)
+    mtu = min(interface_mtu(endpoint.interface), 65535)
     page = mtu - IP_UDP_HEADERS[endpoint.family] - DATA_OVERHEAD
     return page - page % 4096 if page >= 8192 else page - page % 8
 
@@ -140,15 +170,13 @@ class Job:
         self.page_size = options.page_size or choose_page_size(options.endpoint)
         self.max_datagram = self.page_size + DATA_OVERHEAD
         self.window = max(16, min(1024, WINDOW_BYTES // (self.max_datagram + 512)))
-        self.targets = [
-            Target(rid=i, name=dest, dest=dest) for i, dest in enumerate(options.dests)
-        ]
+        self.targets = [Target(rid=i, spec=spec) for i, spec in enumerate(options.targets)]
         self.selector = selectors.DefaultSelector()
         self.sock: socket.socket | None = None
-        self.sender: Sender | None = None
+        self.flows: list[Flow] = []
+        self.stats: Counter[str] = Counter()
         self._transfer = 0
         self._buf = bytearray(65536)
-        self._wire_bytes = 0  # UDP payload bytes multicast to the group, all transfers
 
     # -- the whole job ----------------------------------------------------------------------
 
@@ -161,43 +189,37 @@ class Job:
         blob = encode_manifest(manifest)
         self.sock = open_sender(self.options.endpoint, ttl=self.options.ttl)
         self.selector.register(self.sock, selectors.EVENT_READ, None)
-        sender_stats: dict[str, int] = {}
         union: list[int] = []
         try:
             self._start_targets()
             self._pump(lambda: all(t.hello or not t.alive for t in self.targets),
-                       timeout=HANDSHAKE_TIMEOUT, what="start")
+                       timeout=HANDSHAKE_TIMEOUT, what="starting")
             # Transfer 1: the manifest, to every target.
-            self._transfer_blob(blob, sender_stats)
+            self._transfer_blob(blob)
             self._pump(lambda: all(t.needs or not t.alive for t in self.targets),
-                       timeout=None, what="plan")
+                       timeout=None, what="planning")
             if self.options.sync.dry_run:
                 # Each target has said what it would change; nothing is sent or touched.
                 for t in self.targets:
                     if t.needs is not None:
                         self.reporter.itemize(t.name, t.needs.itemized)
-                return self._result(manifest, [], start, sender_stats, warnings)
+                return self._result(manifest, [], start, warnings)
             # Transfer 2: the union of what the targets lack, once, to all.
             wanted: set[int] = set()
             for t in self.targets:
                 if t.alive and t.needs is not None:
                     wanted.update(ids_from_bitmap(t.needs.objects, len(manifest.entries)))
             union = sorted(i for i in wanted if manifest.entries[i].kind == Kind.FILE)
-            self._transfer_files(manifest, union, sender_stats)
+            self._transfer_files(manifest, union)
             self._pump(lambda: all(t.result or not t.alive for t in self.targets),
-                       timeout=None, what="finish")
+                       timeout=None, what="finishing")
         finally:
             self._stop_targets()
             self.sock.close()
-        return self._result(manifest, union, start, sender_stats, warnings)
+        return self._result(manifest, union, start, warnings)
 
     def _result(
-        self,
-        manifest: Manifest,
-        union: list[int],
-        start: float,
-        sender_stats: dict[str, int],
-        warnings: list[str],
+        self, manifest: Manifest, union: list[int], start: float, warnings: list[str]
     ) -> JobResult:
         return JobResult(
             targets=self.targets,
@@ -205,26 +227,32 @@ class Job:
             union_files=len(union),
             union_bytes=sum(manifest.entries[i].size for i in union),
             elapsed=time.monotonic() - start,
-            sender_stats=sender_stats,
+            sender_stats=dict(self.stats),
             warnings=warnings,
             dry_run=self.options.sync.dry_run,
         )
 
-    def _transfer_blob(self, blob: bytes, stats: dict[str, int]) -> None:
+    def _transfer_blob(self, blob: bytes) -> None:
         digest = blake3.blake3(blob).digest()
         layout = Layout([(MANIFEST_OBJECT, len(blob))], self.page_size)
         start = StartTransfer(self._next_transfer(), "manifest", size=len(blob), digest=digest)
-        self._run_transfer(start, layout, BlobPages(blob, self.page_size), stats, "manifest")
+        self._run_transfer(start, layout, lambda: BlobPages(blob, self.page_size), "manifest")
 
-    def _transfer_files(self, manifest: Manifest, union: list[int], stats: dict[str, int]) -> None:
+    def _transfer_files(self, manifest: Manifest, union: list[int]) -> None:
         entries = manifest.entries
         layout = Layout([(i, entries[i].size) for i in union], self.page_size)
         start = StartTransfer(self._next_transfer(), "data",
                               objects=bitmap_from_ids(union, len(entries)))
-        source = FilePages(source_root(self.options.source), manifest, self.page_size)
+        root = source_root(self.options.source)
+        sources: list[FilePages] = []
+
+        def open_source() -> FilePages:
+            sources.append(FilePages(root, manifest, self.page_size))
+            return sources[-1]
+
         self.reporter.begin_data(layout.bytes_total(), [t.name for t in self.targets if t.alive])
-        self._run_transfer(start, layout, source, stats, "data")
-        for obj in sorted(source.short_reads):
+        self._run_transfer(start, layout, open_source, "data")
+        for obj in sorted(set().union(*(s.short_reads for s in sources))):
             self.reporter.warn(
                 f"{os.fsdecode(entries[obj].path)}: changed while being sent; targets refuse it"
             )
@@ -237,96 +265,129 @@ class Job:
         self,
         start: StartTransfer,
         layout: Layout,
-        source: BlobPages | FilePages,
-        stats: dict[str, int],
+        open_source: Callable[[], BlobPages | FilePages],
         what: str,
     ) -> None:
+        """Multicast one transfer to every live target, then catch up, by unicast, the
+        targets that sat out."""
         transfer = start.transfer
         for t in self.targets:
             if t.alive:
                 self._send(t, start)
         self._pump(lambda: all(transfer in t.ready or not t.alive for t in self.targets),
                    timeout=HANDSHAKE_TIMEOUT, what=what)
+        ep = self.options.endpoint
+        group: Address = (ep.group, ep.port) if ep.family == socket.AF_INET else (
+            ep.group, ep.port, 0, socket.if_nametoindex(ep.interface))
         sender = Sender(
-            transfer=transfer,
-            layout=layout,
-            receivers=[t.rid for t in self.targets if t.alive],
-            key=self.key,
-            session=self.session,
-            window=self.window,
-            rate=self.options.rate,
-            now=time.monotonic(),
+            transfer=transfer, layout=layout, receivers=[t.rid for t in self.targets if t.alive],
+            key=self.key, session=self.session, window=self.window, rate=self.options.rate,
+            now=time.monotonic(), sitout_lag=self.options.sitout_lag,
+            silence_timeout=self.options.silence_timeout,
         )
         for t in self.targets:
             if transfer in t.done:
                 sender.receiver_done(t.rid)
-        self.sender = sender
+        self._run_flows([Flow(sender, open_source(), group)], what)
+        # Catch-up: each target that sat out gets what it still lacks, by unicast, with its
+        # own sender, all at once. The numbering of seqs continues where the group's ended.
+        behind = [t for t in self.targets
+                  if t.alive and t.sat_out and transfer not in t.done and t.hello is not None]
+        if behind:
+            flows = []
+            for t in behind:
+                assert t.hello is not None
+                self.reporter.target_state(t.name, "catching up")
+                catchup = Sender(
+                    transfer=transfer, layout=layout, receivers=[t.rid], key=self.key,
+                    session=self.session, window=self.window, rate=self.options.rate,
+                    now=time.monotonic(), sitout_lag=None,
+                    silence_timeout=self.options.silence_timeout,
+                    first_seq=sender.last_seq, repair_only=True,
+                )
+                addr: Address = (t.hello.address, t.hello.data_port) if (
+                    ep.family == socket.AF_INET) else (t.hello.address, t.hello.data_port, 0, 0)
+                flows.append(Flow(catchup, open_source(), addr))
+            self._run_flows(flows, f"{what} catch-up")
+            for t in behind:
+                if t.alive:
+                    t.caught_up = True
+                    self.reporter.target_state(t.name, "caught up")
+
+    def _run_flows(self, flows: list[Flow], what: str) -> None:
+        self.flows = flows
         try:
-            self._pump(lambda: sender.done, timeout=None, what=what, source=source)
+            self._pump(lambda: all(f.sender.done for f in flows), timeout=None, what=what)
         finally:
-            self.sender = None
-            source.close()
+            self.flows = []
+            for flow in flows:
+                flow.source.close()
+                self._add_stats(flow.sender)
+
+    def _add_stats(self, sender: Sender) -> None:
         s = sender.stats
-        for name, value in (
-            ("pages_sent", s.pages_sent), ("pages_resent", s.pages_resent),
-            ("bytes_sent", s.bytes_sent), ("bytes_resent", s.bytes_resent),
-            ("polls", s.polls_sent), ("feedback", s.feedback),
-        ):
-            stats[name] = stats.get(name, 0) + value
-        stats["wire_bytes"] = self._wire_bytes
+        self.stats.update(
+            pages_sent=s.pages_sent, pages_resent=s.pages_resent, bytes_sent=s.bytes_sent,
+            bytes_resent=s.bytes_resent, polls=s.polls_sent, feedback=s.feedback,
+        )
         for reason, count in s.dropped.items():
-            stats[f"dropped_{reason}"] = stats.get(f"dropped_{reason}", 0) + count
+            self.stats[f"dropped_{reason}"] += count
 
     # -- the event loop ---------------------------------------------------------------------
 
-    def _pump(
-        self,
-        until: Callable[[], bool],
-        *,
-        timeout: float | None,
-        what: str,
-        source: BlobPages | FilePages | None = None,
-    ) -> None:
+    def _pump(self, until: Callable[[], bool], *, timeout: float | None, what: str) -> None:
         """Run the event loop until ``until()`` holds. With ``timeout``, targets that have not
-        got there by then are failed; without, only a dead target or the sender's silence
+        got there by then are failed; without, only a dead target or a sender's silence
         timeout fails one."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        assert self.sock is not None
-        dest = (self.options.endpoint.group, self.options.endpoint.port)
         while not until():
             now = time.monotonic()
             wait = 0.25
-            sender = self.sender
-            if sender is not None and source is not None:
-                for action in sender.poll(now, budget=64):
-                    if isinstance(action, SendPage):
-                        length = sender.layout.page_length(action.obj, action.page)
-                        payload = source.read(action.obj, action.page, length)
-                        datagram = encode_data(self.key, self.session, sender.transfer,
-                                               action.seq, action.obj, action.page, payload)
-                        self.sock.sendto(datagram, dest)
-                        self._wire_bytes += len(datagram)
-                        self.reporter.sent(length, action.repair)
-                    elif isinstance(action, SendDatagram):
-                        self.sock.sendto(action.data, dest)
-                        self._wire_bytes += len(action.data)
-                    elif isinstance(action, ReceiverLost):
-                        self._fail(self.targets[action.receiver], action.reason)
-                wait = max(0.0, min(wait, sender.next_wakeup(time.monotonic()) - now))
+            for flow in self.flows:
+                self._step(flow, now)
+                wait = min(wait, flow.sender.next_wakeup(time.monotonic()) - now)
             if deadline is not None:
                 if now >= deadline:
-                    for t in self.targets:
-                        if t.alive and not until():
-                            self._fail(t, f"no answer within {timeout:.0f} s ({what})")
+                    self._fail_laggards(until, f"no answer within {timeout:.0f} s ({what})")
                     return
                 wait = min(wait, deadline - now)
-            for key, _ in self.selector.select(wait):
+            for key, _ in self.selector.select(max(0.0, wait)):
                 if key.fileobj is self.sock:
                     self._drain_feedback()
+                elif isinstance(key.data, tuple):
+                    self._read_stderr(key.data[1])
                 else:
                     assert isinstance(key.data, Target)
                     self._read_control(key.data)
             self.reporter.tick()
+
+    def _fail_laggards(self, until: Callable[[], bool], reason: str) -> None:
+        for t in self.targets:
+            if t.alive and not until():
+                self._fail(t, reason)
+
+    def _step(self, flow: Flow, now: float) -> None:
+        assert self.sock is not None
+        sender = flow.sender
+        for action in sender.poll(now, budget=64):
+            if isinstance(action, SendPage):
+                length = sender.layout.page_length(action.obj, action.page)
+                payload = flow.source.read(action.obj, action.page, length)
+                datagram = encode_data(self.key, self.session, sender.transfer, action.seq,
+                                       action.obj, action.page, payload)
+                self.sock.sendto(datagram, flow.dest)
+                self.stats["wire_bytes"] += len(datagram)
+                self.reporter.sent(length, action.repair)
+            elif isinstance(action, SendDatagram):
+                self.sock.sendto(action.data, flow.dest)
+                self.stats["wire_bytes"] += len(action.data)
+            elif isinstance(action, ReceiverSatOut):
+                t = self.targets[action.receiver]
+                t.sat_out = True
+                self.reporter.target_state(
+                    t.name, f"sitting out ({action.lag:.1f} s behind); caught up afterwards")
+            elif isinstance(action, ReceiverLost):
+                self._fail(self.targets[action.receiver], action.reason)
 
     def _drain_feedback(self) -> None:
         assert self.sock is not None
@@ -336,38 +397,53 @@ class Job:
                 n = self.sock.recv_into(self._buf, 0, socket.MSG_DONTWAIT)
             except (BlockingIOError, InterruptedError):
                 return
-            if self.sender is not None:
-                self.sender.receive_datagram(view[:n], time.monotonic())
+            try:
+                pkt = decode(view[:n], self.key, self.session)
+            except DecodeError as exc:
+                self.stats[f"dropped_{exc.reason.value}"] += 1
+                continue
+            if not isinstance(pkt, Feedback):
+                self.stats["dropped_unexpected"] += 1
+                continue
+            for flow in self.flows:
+                if flow.sender.serves(pkt.receiver):
+                    flow.sender.receive_feedback(pkt, time.monotonic())
+                    break
 
     # -- targets ----------------------------------------------------------------------------
 
     def _start_targets(self) -> None:
+        assert self.sock is not None
         ep = self.options.endpoint
-        host, port = self.sock.getsockname()[:2] if self.sock else ("", 0)
+        host, port = self.sock.getsockname()[:2]
+        local_only = all(t.spec.host is None for t in self.targets)
         for t in self.targets:
+            argv = server_command(t.spec, self.options.rsh, self.options.mrsync_path)
             try:
                 t.proc = subprocess.Popen(
-                    [sys.executable, "-m", "mrsync", "--server"],
-                    stdin=subprocess.PIPE,
-                    stdout=subprocess.PIPE,
-                    close_fds=True,
+                    argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                    close_fds=True, start_new_session=True,
                 )
             except OSError as exc:
-                self._fail(t, f"cannot start receiver: {exc.strerror}")
+                self._fail(t, f"cannot run {argv[0]}: {exc.strerror}")
                 continue
-            assert t.proc.stdout is not None
+            assert t.proc.stdout is not None and t.proc.stderr is not None
             os.set_blocking(t.proc.stdout.fileno(), False)
+            os.set_blocking(t.proc.stderr.fileno(), False)
             self.selector.register(t.proc.stdout, selectors.EVENT_READ, t)
+            self.selector.register(t.proc.stderr, selectors.EVENT_READ, ("stderr", t))
             self._send(
                 t,
                 Hello(
                     version=PROTOCOL_VERSION, session=self.session, key=self.key,
-                    receiver_id=t.rid, dest=os.fsencode(t.dest), group=ep.group, port=ep.port,
-                    family=ep.family, interface=ep.interface, feedback_host=host,
-                    feedback_port=port, page_size=self.page_size,
+                    receiver_id=t.rid, dest=os.fsencode(t.spec.path), group=ep.group,
+                    port=ep.port, family=ep.family,
+                    # Local receivers join on loopback; remote ones on whatever interface
+                    # their route to us goes through.
+                    interface=ep.interface if local_only or t.spec.host is None else "",
+                    feedback_host=host, feedback_port=port, page_size=self.page_size,
                     report_every=max(1, self.window // 4), max_datagram=self.max_datagram,
-                    verbose=self.options.verbose,
-                    options=self.options.sync,
+                    verbose=self.options.verbose, options=self.options.sync,
                 ),
             )
 
@@ -380,6 +456,22 @@ class Job:
         except OSError as exc:
             self._fail(t, f"control stream broken: {exc.strerror or exc}")
 
+    def _read_stderr(self, t: Target) -> None:
+        """A receiver's (or its remote shell's) stderr: kept for the failure message, shown
+        at -v 2."""
+        assert t.proc is not None and t.proc.stderr is not None
+        try:
+            data = os.read(t.proc.stderr.fileno(), 65536)
+        except BlockingIOError:
+            return
+        if not data:
+            self.selector.unregister(t.proc.stderr)
+            return
+        for line in data.decode(errors="backslashreplace").splitlines():
+            if line.strip():
+                t.stderr_tail.append(line.strip())
+                self.reporter.log(2, f"{t.name}: {line}")
+
     def _read_control(self, t: Target) -> None:
         assert t.proc is not None and t.proc.stdout is not None
         try:
@@ -389,8 +481,15 @@ class Job:
         if not data:
             self.selector.unregister(t.proc.stdout)
             if t.alive and t.result is None:
-                code = t.proc.wait()
-                self._fail(t, f"receiver exited (status {code}) before finishing")
+                try:
+                    code = t.proc.wait(timeout=2)
+                except subprocess.TimeoutExpired:
+                    code = None
+                if t.proc.stderr is not None:
+                    with contextlib.suppress(ValueError, KeyError):
+                        self._read_stderr(t)
+                said = f": {t.stderr_tail[-1]}" if t.stderr_tail else ""
+                self._fail(t, f"receiver exited (status {code}) before finishing{said}")
             return
         try:
             messages = t.reader.feed(data)
@@ -403,18 +502,21 @@ class Job:
     def _on_message(self, t: Target, message: Message) -> None:
         if isinstance(message, HelloOk):
             if message.version != PROTOCOL_VERSION:
-                self._fail(t, f"speaks protocol {message.version}, we speak {PROTOCOL_VERSION}")
+                self._fail(t, f"speaks protocol version {message.version}; this mrsync speaks "
+                              f"{PROTOCOL_VERSION}")
                 return
             t.hello = message
         elif isinstance(message, Ready):
             t.ready.add(message.transfer)
         elif isinstance(message, Needs):
             t.needs = message
-            self.reporter.log(1, f"{t.name}: needs {message.files} files, {message.size} bytes")
+            self.reporter.log(1, f"{t.name}: needs {message.files} files, {message.size} bytes"
+                                 f", {message.deletions} deletions")
         elif isinstance(message, TransferDone):
             t.done.add(message.transfer)
-            if self.sender is not None and self.sender.transfer == message.transfer:
-                self.sender.receiver_done(t.rid)
+            for flow in self.flows:
+                if flow.sender.transfer == message.transfer:
+                    flow.sender.receiver_done(t.rid)
             if self._transfer > 1 and message.transfer == self._transfer:
                 self.reporter.target_done(t.name)
         elif isinstance(message, Result):
@@ -429,8 +531,12 @@ class Job:
             return
         t.failure = reason
         self.reporter.target_failed(t.name, reason)
-        if self.sender is not None:
-            self.sender.receiver_failed(t.rid)
+        for flow in self.flows:
+            flow.sender.receiver_failed(t.rid)
+        if t.proc is not None and t.proc.poll() is None:
+            # Do not leave a receiver (or its remote shell) running behind a failed target.
+            with contextlib.suppress(OSError):
+                t.proc.kill()
 
     def _stop_targets(self) -> None:
         for t in self.targets:
@@ -451,7 +557,8 @@ class Job:
                 t.proc.kill()
                 t.proc.wait()
                 self._fail(t, "receiver did not exit; killed")
-            if t.proc.stdout is not None:
-                with contextlib.suppress(KeyError, ValueError):
-                    self.selector.unregister(t.proc.stdout)
-                t.proc.stdout.close()
+            for stream in (t.proc.stdout, t.proc.stderr):
+                if stream is not None:
+                    with contextlib.suppress(KeyError, ValueError):
+                        self.selector.unregister(stream)
+                    stream.close()

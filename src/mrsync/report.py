@@ -104,6 +104,9 @@ class Reporter:
         for line in lines:
             print(f"  {line}", file=self.out, flush=True)
 
+    def target_state(self, name: str, state: str) -> None:
+        self.log(1, f"{name}: {state}")
+
     def target_failed(self, name: str, reason: str) -> None:
         self._print(f"mrsync: {name}: FAILED: {reason}")
 

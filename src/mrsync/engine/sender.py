@@ -17,6 +17,14 @@ What it does:
   sender resends each listed page unless it was already resent after that point (``_last_sent``
   per page), and sends the union once to all. Then it polls again, until every receiver reports
   COMPLETE (on the data plane, or through the control stream via ``receiver_done``).
+* **Sitting out.** The window paces the sender to its slowest receiver, which is right for a
+  receiver that is a little slower and wrong for one that stalls (a frozen process, a dying
+  disk). Every seq's send time is kept; a receiver whose last processed datagram was sent more
+  than ``sitout_lag`` seconds ago (default 2 s: the others have waited that long for it) sits
+  out (``ReceiverSatOut``): it no longer holds the window or the end of the transfer, and the
+  caller brings it up to date afterwards with a catch-up sender of its own (``repair_only``:
+  no first pass, just polls and the repairs it asks for, by unicast). The last receiver still
+  keeping up never sits out: there would be nobody left to go faster for.
 * **Silence.** A receiver that answers nothing for ``silence_timeout`` seconds while the sender
   waits on it is given up (``ReceiverLost``) so that it cannot hold the others back forever.
 
@@ -59,7 +67,13 @@ class ReceiverLost:
     reason: str
 
 
-SenderAction = SendPage | SendDatagram | ReceiverLost
+@dataclass(frozen=True, slots=True)
+class ReceiverSatOut:
+    receiver: int
+    lag: float  # seconds it was behind the sender
+
+
+SenderAction = SendPage | SendDatagram | ReceiverLost | ReceiverSatOut
 
 
 @dataclass
@@ -78,6 +92,7 @@ class _Peer:
     seq_seen: int = 0
     complete: bool = False
     lost: bool = False
+    sat_out: bool = False
     last_heard: float = 0.0
     answered_poll: int = 0
     missing: int = -1  # pages it still lacks, -1 until it says
@@ -99,6 +114,9 @@ class Sender:
         now: float,
         rate: float | None = None,
         silence_timeout: float = 30.0,
+        sitout_lag: float | None = 2.0,
+        first_seq: int = 0,
+        repair_only: bool = False,
     ) -> None:
         if window < 1:
             raise ValueError("window must be at least one datagram")
@@ -110,15 +128,23 @@ class Sender:
         self._window = window
         self._rate = rate  # payload bytes per second, None = no cap
         self._silence_timeout = silence_timeout
+        self._sitout_lag = sitout_lag
         self._peers = {rid: _Peer(last_heard=now) for rid in receivers}
         self._active = len(self._peers)  # peers neither complete nor lost
         total = layout.total_pages
         self._next_first = 0  # next global page of the first pass
         self._last_sent = array("Q", bytes(8 * total))  # seq a page was last sent with, 0 = never
+        if repair_only:
+            # Catch-up: the multicast transfer already sent everything (up to first_seq); only
+            # what the receiver still lacks goes out, when it says so.
+            self._next_first = total
+            self._last_sent = array("Q", [max(first_seq, 1)]) * total
         self._queued = bytearray(total)  # 1 while a page waits in the repair heap
         self._repairs: list[int] = []  # heap of global pages to resend, lowest first
-        self._seq = 0
-        self._min_seen = 0  # lower bound of active receivers' seq_seen (only ever rises)
+        self._first_seq = first_seq
+        self._seq = first_seq
+        self._send_times = array("d")  # send time of seq first_seq + 1 + i
+        self._min_seen = first_seq  # lower bound of active receivers' seq_seen (only ever rises)
         self._next_send_at = now
         self._last_progress_at = now
         self._poll = 0
@@ -141,6 +167,10 @@ class Sender:
         if not isinstance(pkt, Feedback):
             self.stats.dropped["unexpected"] += 1
             return
+        self.receive_feedback(pkt, now)
+
+    def receive_feedback(self, pkt: Feedback, now: float) -> None:
+        """An authenticated FEEDBACK (for callers that decode once and dispatch)."""
         if pkt.transfer != self.transfer:
             self.stats.dropped["stale"] += 1
             return
@@ -163,7 +193,8 @@ class Sender:
                 self._poll_deadline = min(self._poll_deadline, now + self._min_poll_gap())
         if pkt.flags & FLAG_COMPLETE:
             self._settle(peer, complete=True)
-        self._queue_repairs(pkt.ranges, peer.seq_seen)
+        if not peer.sat_out:  # its catch-up serves it; the group is not made to wait
+            self._queue_repairs(pkt.ranges, peer.seq_seen)
 
     def receiver_done(self, receiver: int) -> None:
         """The control stream says this receiver has the whole transfer."""
@@ -182,6 +213,17 @@ class Sender:
     @property
     def done(self) -> bool:
         return self._active == 0
+
+    def serves(self, receiver: int) -> bool:
+        return receiver in self._peers
+
+    @property
+    def last_seq(self) -> int:
+        return self._seq
+
+    @property
+    def sat_out(self) -> list[int]:
+        return [rid for rid, p in self._peers.items() if p.sat_out and not p.lost]
 
     @property
     def first_pass_done(self) -> bool:
@@ -213,6 +255,7 @@ class Sender:
         """What to do now: at most ``budget`` datagrams to send, and receivers given up."""
         actions: list[SenderAction] = []
         self._check_silence(now, actions)
+        self._check_lag(now, actions)
         while len(actions) < budget and not self.done:
             if not self._has_page():
                 if now >= self._poll_deadline:
@@ -245,6 +288,7 @@ class Sender:
         obj, page = self.layout.locate(g)
         self._seq += 1
         self._last_sent[g] = self._seq
+        self._send_times.append(now)
         length = self.layout.page_length(obj, page)
         if repair:
             self.stats.pages_resent += 1
@@ -259,7 +303,9 @@ class Sender:
     def _window_full(self) -> bool:
         if self._seq - self._min_seen < self._window:
             return False
-        active = [p.seq_seen for p in self._peers.values() if not (p.complete or p.lost)]
+        active = [
+            p.seq_seen for p in self._peers.values() if not (p.complete or p.lost or p.sat_out)
+        ]
         fresh = min(active) if active else self._seq
         if fresh > self._min_seen:
             self._min_seen = fresh
@@ -289,7 +335,8 @@ class Sender:
 
     def _all_answered(self) -> bool:
         return all(
-            p.answered_poll == self._poll or p.complete or p.lost for p in self._peers.values()
+            p.answered_poll == self._poll or p.complete or p.lost or p.sat_out
+            for p in self._peers.values()
         )
 
     def _rtt_sample(self, rtt: float) -> None:
@@ -302,8 +349,22 @@ class Sender:
     def _stall(self) -> float:
         return max(0.005, 2 * (self.srtt or 0.0))
 
+    def _check_lag(self, now: float, actions: list[SenderAction]) -> None:
+        if self._sitout_lag is None or self._active < 2:
+            return
+        for rid, peer in self._peers.items():
+            if peer.complete or peer.lost or peer.sat_out or peer.seq_seen >= self._seq:
+                continue
+            # When was the first datagram it has not processed yet sent?
+            index = max(peer.seq_seen, self._first_seq) - self._first_seq
+            lag = now - self._send_times[index]
+            if lag > self._sitout_lag and self._active > 1:
+                peer.sat_out = True
+                self._active -= 1
+                actions.append(ReceiverSatOut(rid, lag))
+
     def _settle(self, peer: _Peer, *, complete: bool) -> None:
-        if not (peer.complete or peer.lost):
+        if not (peer.complete or peer.lost or peer.sat_out):
             self._active -= 1
         if complete:
             peer.complete = True
@@ -312,7 +373,7 @@ class Sender:
 
     def _check_silence(self, now: float, actions: list[SenderAction]) -> None:
         for rid, peer in self._peers.items():
-            if peer.complete or peer.lost:
+            if peer.complete or peer.lost or peer.sat_out:
                 continue
             if now - peer.last_heard > self._silence_timeout:
                 self._settle(peer, complete=False)

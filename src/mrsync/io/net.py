@@ -26,13 +26,92 @@ class Endpoint(NamedTuple):
     family: int
     group: str
     port: int
-    interface: str  # IPv4: local address to send and join on; IPv6: interface name
+    interface: str  # interface name the group is sent and joined on
+    address: str  # this host's address on that interface
 
 
 def loopback_endpoint(family: int, group: str | None, port: int) -> Endpoint:
     if family == socket.AF_INET6:
-        return Endpoint(family, group or DEFAULT_GROUP_V6, port, "lo")
-    return Endpoint(family, group or DEFAULT_GROUP_V4, port, "127.0.0.1")
+        return Endpoint(family, group or DEFAULT_GROUP_V6, port, "lo", "::1")
+    return Endpoint(family, group or DEFAULT_GROUP_V4, port, "lo", "127.0.0.1")
+
+
+def default_group(family: int) -> str:
+    return DEFAULT_GROUP_V6 if family == socket.AF_INET6 else DEFAULT_GROUP_V4
+
+
+def source_address_towards(family: int, host: str, port: int) -> str:
+    """The local address the routing table would use to reach ``host``. A connected UDP
+    socket asks the kernel without sending anything."""
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect((host, port))
+        except OSError as exc:
+            raise OSError(f"no route to {host}: {exc.strerror}") from None
+        address: str = probe.getsockname()[0]
+    return address
+
+
+def interface_addresses() -> dict[str, tuple[list[str], list[str]]]:
+    """{interface name: ([IPv4 addresses], [IPv6 addresses])} from the kernel."""
+    import fcntl
+
+    result: dict[str, tuple[list[str], list[str]]] = {}
+    for _index, name in socket.if_nameindex():
+        v4: list[str] = []
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                req = struct.pack("256s", name.encode()[:15])
+                got = fcntl.ioctl(s.fileno(), 0x8915, req)  # SIOCGIFADDR: the primary address
+            v4.append(socket.inet_ntoa(got[20:24]))
+        except OSError:
+            pass
+        result[name] = (v4, [])
+    try:
+        with open("/proc/net/if_inet6") as f:
+            for line in f:
+                hexaddr, _idx, _plen, _scope, _flags, name = line.split()
+                addr = socket.inet_ntop(socket.AF_INET6, bytes.fromhex(hexaddr))
+                result.setdefault(name, ([], []))[1].append(addr)
+    except OSError:
+        pass
+    return result
+
+
+def interface_of(family: int, address: str) -> str:
+    for name, (v4, v6) in interface_addresses().items():
+        if address in (v6 if family == socket.AF_INET6 else v4):
+            return name
+    raise OSError(f"no interface holds address {address}")
+
+
+def address_of(family: int, interface: str) -> str:
+    addrs = interface_addresses().get(interface)
+    if addrs is None:
+        raise OSError(f"no interface named {interface!r}")
+    candidates = addrs[1] if family == socket.AF_INET6 else addrs[0]
+    if family == socket.AF_INET6:  # a link-local address needs a scope; prefer a routable one
+        candidates = [a for a in candidates if not a.startswith("fe80")] or candidates
+    if not candidates:
+        raise OSError(f"interface {interface} has no IPv{6 if family == socket.AF_INET6 else 4} "
+                      "address")
+    return candidates[0]
+
+
+def network_endpoint(family: int, group: str | None, port: int, interface: str | None) -> Endpoint:
+    """The master's endpoint for real targets: the named interface, or the one the route to
+    the group goes through."""
+    group = group or default_group(family)
+    if interface:
+        return Endpoint(family, group, port, interface, address_of(family, interface))
+    address = source_address_towards(family, group, port)
+    return Endpoint(family, group, port, interface_of(family, address), address)
+
+
+def member_endpoint(family: int, group: str, port: int, master: str) -> Endpoint:
+    """A target's endpoint: the interface its route to the master goes through."""
+    address = source_address_towards(family, master, 9)
+    return Endpoint(family, group, port, interface_of(family, address), address)
 
 
 def set_buffer(sock: socket.socket, size: int, *, receive: bool) -> int:
@@ -53,44 +132,39 @@ def interface_mtu(name: str) -> int:
         return int(f.read())
 
 
-def interface_of_address(address: str) -> str:
-    """Name of the interface that holds this IPv4 address (lo for 127.x)."""
-    if address.startswith("127."):
-        return "lo"
-    for _index, name in socket.if_nameindex():
-        try:
-            import fcntl
-
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-                req = struct.pack("256s", name.encode()[:15])
-                got = fcntl.ioctl(s.fileno(), 0x8915, req)  # SIOCGIFADDR
-            if socket.inet_ntoa(got[20:24]) == address:
-                return name
-        except OSError:
-            continue
-    raise OSError(f"no interface has address {address}")
-
-
 def open_sender(endpoint: Endpoint, *, ttl: int) -> socket.socket:
     """The master's socket: multicasts to the group and receives feedback on its own port."""
     sock = socket.socket(endpoint.family, socket.SOCK_DGRAM)
     try:
         if endpoint.family == socket.AF_INET6:
             index = socket.if_nametoindex(endpoint.interface)
-            sock.bind(("::1" if endpoint.interface == "lo" else "::", 0, 0, 0))
+            sock.bind((endpoint.address, 0, 0, 0))
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF, index)
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, ttl)
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_LOOP, 1)
         else:
-            sock.bind((endpoint.interface, 0))
+            sock.bind((endpoint.address, 0))
             sock.setsockopt(
-                socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(endpoint.interface)
+                socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(endpoint.address)
             )
             sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, ttl)
             # Targets on this very host must hear the group too.
             sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 1)
         set_buffer(sock, BUFFER_BYTES, receive=False)
         set_buffer(sock, BUFFER_BYTES // 4, receive=True)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def open_unicast(endpoint: Endpoint) -> socket.socket:
+    """A target's own unicast socket: catch-up data for a target that sat out comes here, and
+    its feedback leaves from here."""
+    sock = socket.socket(endpoint.family, socket.SOCK_DGRAM)
+    try:
+        sock.bind((endpoint.address, 0))
+        set_buffer(sock, BUFFER_BYTES, receive=True)
     except BaseException:
         sock.close()
         raise
@@ -112,7 +186,7 @@ def open_member(endpoint: Endpoint) -> tuple[socket.socket, int]:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_JOIN_GROUP, mreq)
         else:
             sock.bind((endpoint.group, endpoint.port))
-            mreq = socket.inet_aton(endpoint.group) + socket.inet_aton(endpoint.interface)
+            mreq = socket.inet_aton(endpoint.group) + socket.inet_aton(endpoint.address)
             sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, mreq)
         got = set_buffer(sock, BUFFER_BYTES, receive=True)
     except BaseException:

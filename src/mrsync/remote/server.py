@@ -45,7 +45,7 @@ from mrsync.engine.receiver import (
     TransferComplete,
     WritePage,
 )
-from mrsync.io.net import Endpoint, open_member
+from mrsync.io.net import Endpoint, address_of, member_endpoint, open_member, open_unicast
 from mrsync.io.store import FileStore, StoreError
 from mrsync.plan.compare import compare, validate_manifest
 from mrsync.plan.manifest import Manifest, decode_manifest
@@ -62,8 +62,14 @@ class TargetSession:
     def __init__(self, hello: Hello, control_out: int) -> None:
         self.hello = hello
         self._out = control_out
-        self.endpoint = Endpoint(hello.family, hello.group, hello.port, hello.interface)
+        if hello.interface:
+            self.endpoint = Endpoint(hello.family, hello.group, hello.port, hello.interface,
+                                     address_of(hello.family, hello.interface))
+        else:
+            self.endpoint = member_endpoint(hello.family, hello.group, hello.port,
+                                            hello.feedback_host)
         self.sock, self.rcvbuf = open_member(self.endpoint)
+        self.unicast = open_unicast(self.endpoint)
         self.feedback_addr: tuple[str, int] | tuple[str, int, int, int] = (
             (hello.feedback_host, hello.feedback_port)
             if hello.family == socket.AF_INET
@@ -143,7 +149,7 @@ class TargetSession:
             elif isinstance(action, SendFeedback):
                 # A feedback datagram that cannot be sent is just loss: the master polls again.
                 with contextlib.suppress(OSError):
-                    self.sock.sendto(action.data, self.feedback_addr)
+                    self.unicast.sendto(action.data, self.feedback_addr)
             elif isinstance(action, ObjectComplete):
                 if self.kind == "data":
                     assert self.store is not None
@@ -213,9 +219,9 @@ class TargetSession:
         )
         self.finished = True
 
-    def drain_socket(self, buf: bytearray) -> None:
+    def drain_socket(self, sock: socket.socket, buf: bytearray) -> None:
         view = memoryview(buf)
-        sock, machine = self.sock, self.machine
+        machine = self.machine
         while True:
             try:
                 n = sock.recv_into(buf, 0, socket.MSG_DONTWAIT)
@@ -229,6 +235,7 @@ class TargetSession:
         if self.store is not None:
             self.store.close()
         self.sock.close()
+        self.unicast.close()
 
 
 def run_server() -> int:
@@ -252,7 +259,8 @@ def run_server() -> int:
                 f"{PROTOCOL_VERSION})"
             )
         session = TargetSession(hello, control_out)
-        session.send(HelloOk(PROTOCOL_VERSION, socket.gethostname(), os.getpid()))
+        session.send(HelloOk(PROTOCOL_VERSION, socket.gethostname(), os.getpid(),
+                             session.endpoint.address, session.unicast.getsockname()[1]))
         return _loop(session, control_in, reader)
     except _Fatal as exc:
         return fail(str(exc))
@@ -282,12 +290,13 @@ def _read_hello(fd: int, reader: FrameReader) -> Hello:
 def _loop(session: TargetSession, control_in: int, reader: FrameReader) -> int:
     selector = selectors.DefaultSelector()
     selector.register(control_in, selectors.EVENT_READ, "control")
-    selector.register(session.sock, selectors.EVENT_READ, "data")
+    selector.register(session.sock, selectors.EVENT_READ, session.sock)
+    selector.register(session.unicast, selectors.EVENT_READ, session.unicast)
     buf = bytearray(65536)
     while True:
         for key, _ in selector.select(timeout=5.0):
-            if key.data == "data":
-                session.drain_socket(buf)
+            if key.data != "control":
+                session.drain_socket(key.data, buf)
                 continue
             data = os.read(control_in, 65536)
             if not data:
