@@ -4,15 +4,23 @@
 #   rsync      the end-to-end tests check mrsync's targets with `rsync -anci --delete`
 #   ip         (iproute2) brings up lo inside the private network namespace the tests run in
 #   unshare    (util-linux) creates that namespace
+# and for the network lab of namespaces (tests/netlab, root only):
+#   ip         (iproute2) namespaces, veth pairs, a bridge
+#   tc         (iproute2) the master's link: rate limit and byte counters
+#   nft        (nftables) random loss on the targets
+#   ethtool    (ethtool) offloads off, so that each packet crosses the bridge on its own
+#   sysctl     (procps) per-namespace settings
 #
 # Only as root and only with apt-get; otherwise say what is missing and carry on (tests that
 # need a missing tool skip themselves).
 set -euo pipefail
 
-declare -A package=([rsync]=rsync [ip]=iproute2 [unshare]=util-linux)
+declare -A package=([rsync]=rsync [ip]=iproute2 [tc]=iproute2 [nft]=nftables
+                   [ethtool]=ethtool [sysctl]=procps [unshare]=util-linux)
 missing=()
-for tool in rsync ip unshare; do
-    command -v "$tool" >/dev/null 2>&1 || missing+=("${package[$tool]}")
+for tool in rsync ip tc nft ethtool sysctl unshare; do
+    command -v "$tool" >/dev/null 2>&1 && continue
+    [[ " ${missing[*]} " == *" ${package[$tool]} "* ]] || missing+=("${package[$tool]}")
 done
 [[ ${#missing[@]} -eq 0 ]] && exit 0
 
