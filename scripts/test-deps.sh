@@ -10,15 +10,18 @@
 #   nft        (nftables) random loss on the targets
 #   ethtool    (ethtool) offloads off, so that each packet crosses the bridge on its own
 #   sysctl     (procps) per-namespace settings
+#   ssh, sshd  (openssh-client, openssh-server) the real ssh path: sshd on a lab host
 #
 # Only as root and only with apt-get; otherwise say what is missing and carry on (tests that
 # need a missing tool skip themselves).
 set -euo pipefail
 
 declare -A package=([rsync]=rsync [ip]=iproute2 [tc]=iproute2 [nft]=nftables
-                   [ethtool]=ethtool [sysctl]=procps [unshare]=util-linux)
+                   [ethtool]=ethtool [sysctl]=procps [unshare]=util-linux
+                   [ssh]=openssh-client [ssh-keygen]=openssh-client
+                   [/usr/sbin/sshd]=openssh-server)
 missing=()
-for tool in rsync ip tc nft ethtool sysctl unshare; do
+for tool in rsync ip tc nft ethtool sysctl unshare ssh ssh-keygen /usr/sbin/sshd; do
     command -v "$tool" >/dev/null 2>&1 && continue
     [[ " ${missing[*]} " == *" ${package[$tool]} "* ]] || missing+=("${package[$tool]}")
 done

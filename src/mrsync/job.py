@@ -454,7 +454,7 @@ class Job:
             t.proc.stdin.write(frame(message))
             t.proc.stdin.flush()
         except OSError as exc:
-            self._fail(t, f"control stream broken: {exc.strerror or exc}")
+            self._fail(t, self._death_notice(t, f"control stream broken: {exc.strerror or exc}"))
 
     def _read_stderr(self, t: Target) -> None:
         """A receiver's (or its remote shell's) stderr: kept for the failure message, shown
@@ -465,12 +465,26 @@ class Job:
         except BlockingIOError:
             return
         if not data:
-            self.selector.unregister(t.proc.stderr)
+            with contextlib.suppress(KeyError, ValueError):
+                self.selector.unregister(t.proc.stderr)
             return
         for line in data.decode(errors="backslashreplace").splitlines():
             if line.strip():
                 t.stderr_tail.append(line.strip())
                 self.reporter.log(2, f"{t.name}: {line}")
+
+    def _death_notice(self, t: Target, what: str) -> str:
+        """Why a receiver (or its remote shell) went away, in its own last words."""
+        assert t.proc is not None
+        try:
+            code: int | None = t.proc.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            code = None
+        if t.proc.stderr is not None and not t.proc.stderr.closed:
+            self._read_stderr(t)
+        status = f" (exit status {code})" if code is not None else ""
+        said = f": {t.stderr_tail[-1]}" if t.stderr_tail else ""
+        return f"{what}{status}{said}"
 
     def _read_control(self, t: Target) -> None:
         assert t.proc is not None and t.proc.stdout is not None
@@ -481,15 +495,7 @@ class Job:
         if not data:
             self.selector.unregister(t.proc.stdout)
             if t.alive and t.result is None:
-                try:
-                    code = t.proc.wait(timeout=2)
-                except subprocess.TimeoutExpired:
-                    code = None
-                if t.proc.stderr is not None:
-                    with contextlib.suppress(ValueError, KeyError):
-                        self._read_stderr(t)
-                said = f": {t.stderr_tail[-1]}" if t.stderr_tail else ""
-                self._fail(t, f"receiver exited (status {code}) before finishing{said}")
+                self._fail(t, self._death_notice(t, "receiver exited before finishing"))
             return
         try:
             messages = t.reader.feed(data)
