@@ -139,3 +139,44 @@ def test_help_reads_well() -> None:
     assert res.returncode == 0
     for text in ("SRC DEST", "-s SRC -t DEST -m TARGETS", "-A ADDR", "-P PORT", "exit status"):
         assert text in res.stdout
+
+
+FAKE_SERVER = """
+import os, sys
+sys.path[:0] = {path!r}
+from mrsync.control import FrameReader, HelloOk, frame
+reader = FrameReader()
+while not reader.feed(os.read(0, 65536)):
+    pass
+os.write(1, frame(HelloOk(version=99, hostname="old", pid=os.getpid(), address="127.0.0.1",
+                          data_port=9)))
+os.read(0, 65536)
+"""
+
+
+def test_target_speaking_another_protocol_version_is_refused(tmp_path: Path, port: int) -> None:
+    """A receiver that answers with a protocol version we do not speak: refused by name, with
+    both versions, and nothing is written there."""
+    import sys
+
+    from mrsync import PROTOCOL_VERSION
+
+    fake = tmp_path / "fake_server.py"
+    fake.write_text(FAKE_SERVER.format(path=sys.path))
+    src = make_tree(tmp_path / "src")
+    res = run_mrsync("-P", str(port), "-I", "lo", "-e", f"{sys.executable} {fake}",
+                     f"{src}/", "oldhost:/srv/x", str(tmp_path / "local"))
+    assert res.returncode == exitcodes.PARTIAL, res.stderr
+    assert re.search(rf"oldhost:/srv/x: FAILED: speaks protocol version 99; this mrsync speaks "
+                     rf"{PROTOCOL_VERSION}", res.stderr), res.stderr
+    assert rsync_differences(src, tmp_path / "local") == ""
+
+
+def test_machines_file_with_comments(tmp_path: Path, port: int) -> None:
+    src = make_tree(tmp_path / "src")
+    machines = tmp_path / "machines"
+    machines.write_text("# the fleet\nlocalhost   # this host\n\n")
+    dest = tmp_path / "copy"
+    res = run_mrsync("-P", str(port), "-s", str(src), "-t", str(dest), "-m", str(machines))
+    assert res.returncode == 0, res.stderr
+    assert rsync_differences(src, dest) == ""
