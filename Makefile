@@ -79,6 +79,14 @@ endif
 bench: venv
 	$(PY) bench/local_sync.py $(BENCH_ARGS)
 
+# mrsync against rsync, uftp and udpcast on the network lab (root only; the script runs itself
+# in a private network namespace). The full matrix takes hours: BENCH_ARGS="--targets 4 --runs 1"
+# or see bench/README.md. Writes bench/RESULTS.md unless BENCH_ARGS has --output.
+.PHONY: lab-bench
+lab-bench: venv
+	@bash scripts/bench-deps.sh
+	$(PY) bench/lab_bench.py $(BENCH_ARGS)
+
 ## --- cleaning --------------------------------------------------------------------------------
 
 clean:

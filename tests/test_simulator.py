@@ -88,3 +88,20 @@ def test_feedback_and_data_loss_extremes(loss: float) -> None:
     assert result.all_identical
     if loss == 0.0:
         assert result.repair_bytes == 0
+
+
+def test_parity_repair_cost_follows_the_worst_receiver() -> None:
+    """200 receivers at 1% independent loss: plain retransmission sends nearly every page
+    again (someone lost it), parity sends about what the worst receiver of each block lost."""
+    page_size = 1024
+    sizes = {0: page_size * 2048 + 100}
+    content = _content_fn(page_size, sizes)
+    runs = {
+        fec: simulate(objects=list(sizes.items()), content=content, receivers=200, loss=0.01,
+                      seed=2, page_size=page_size, fec=fec)
+        for fec in (False, True)
+    }
+    assert runs[False].all_identical and runs[True].all_identical
+    assert runs[False].repair_share > 0.5
+    assert runs[True].repair_share < 0.05
+    assert runs[True].parity_bytes > 0

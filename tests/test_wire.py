@@ -20,10 +20,12 @@ from mrsync.wire import (
     DropReason,
     Feedback,
     PacketType,
+    Parity,
     Poll,
     decode,
     encode_data,
     encode_feedback,
+    encode_parity,
     encode_poll,
     max_feedback_ranges,
 )
@@ -63,10 +65,14 @@ def _poll() -> bytes:
 
 
 def _feedback() -> bytes:
-    return encode_feedback(KEY, SESSION, 7, 42, 9, 123455, 10, FLAG_MORE, [(5, 3), (2**40, 7)])
+    return encode_feedback(KEY, SESSION, 7, 42, 9, 123455, 10, 99, FLAG_MORE, [(5, 3), (2**40, 7)])
 
 
-SAMPLES = {"data": _data, "poll": _poll, "feedback": _feedback}
+def _parity() -> bytes:
+    return encode_parity(KEY, SESSION, 7, 123457, 2**33, 1030, b"p" * 1400)
+
+
+SAMPLES = {"data": _data, "parity": _parity, "poll": _poll, "feedback": _feedback}
 
 
 def _reason(datagram: bytes | memoryview, key: bytes = KEY, session: int = SESSION) -> DropReason:
@@ -92,7 +98,7 @@ def test_sizes() -> None:
     assert len(encode_data(KEY, 1, 0, 0, 0, 0, b"")) == DATA_OVERHEAD
     assert len(encode_data(KEY, 1, 0, 0, 0, 0, b"a" * 1400)) == DATA_OVERHEAD + 1400
     assert len(_poll()) == 12 + 16 + 16
-    assert len(encode_feedback(KEY, 1, 0, 0, 0, 0, 0, 0, [])) == 12 + 31 + 16
+    assert len(encode_feedback(KEY, 1, 0, 0, 0, 0, 0, 0, 0, [])) == 12 + 39 + 16
 
 
 def test_header_layout() -> None:
@@ -116,9 +122,9 @@ def test_max_feedback_ranges_1400() -> None:
     n = max_feedback_ranges(1400)
     assert n == 111
     ranges = [(i * 10, 1) for i in range(n)]
-    assert len(encode_feedback(KEY, 1, 0, 0, 0, 0, 0, 0, ranges)) <= 1400
+    assert len(encode_feedback(KEY, 1, 0, 0, 0, 0, 0, 0, 0, ranges)) <= 1400
     ranges.append((n * 10, 1))
-    assert len(encode_feedback(KEY, 1, 0, 0, 0, 0, 0, 0, ranges)) > 1400
+    assert len(encode_feedback(KEY, 1, 0, 0, 0, 0, 0, 0, 0, ranges)) > 1400
 
 
 @given(st.integers(0, 70000))
@@ -126,9 +132,9 @@ def test_max_feedback_ranges_any_size(size: int) -> None:
     n = max_feedback_ranges(size)
     assert 0 <= n <= U16
     if n:
-        assert len(encode_feedback(KEY, 1, 0, 0, 0, 0, 0, 0, [(0, 1)] * n)) <= size
+        assert len(encode_feedback(KEY, 1, 0, 0, 0, 0, 0, 0, 0, [(0, 1)] * n)) <= size
     if n < U16:
-        assert len(encode_feedback(KEY, 1, 0, 0, 0, 0, 0, 0, [(0, 1)] * (n + 1))) > size
+        assert len(encode_feedback(KEY, 1, 0, 0, 0, 0, 0, 0, 0, [(0, 1)] * (n + 1))) > size
 
 
 # --- round trips -----------------------------------------------------------------------------
@@ -176,7 +182,7 @@ def test_poll_round_trip(key: bytes, session: int, transfer: int, poll: int, seq
     assert decode(datagram, key, session) == Poll(transfer, poll, seq)
 
 
-@given(keys, u64, u32, u32, u32, u64, u64, u8, ranges_st)
+@given(keys, u64, u32, u32, u32, u64, u64, u64, u8, ranges_st)
 def test_feedback_round_trip(
     key: bytes,
     session: int,
@@ -185,22 +191,36 @@ def test_feedback_round_trip(
     poll: int,
     seq_seen: int,
     missing: int,
+    received: int,
     flags: int,
     ranges: list[tuple[int, int]],
 ) -> None:
     datagram = encode_feedback(
-        key, session, transfer, receiver, poll, seq_seen, missing, flags, ranges
+        key, session, transfer, receiver, poll, seq_seen, missing, received, flags, ranges
     )
     assert len(datagram) <= 1400
     pkt = decode(datagram, key, session)
-    assert pkt == Feedback(transfer, receiver, poll, seq_seen, missing, flags, tuple(ranges))
+    assert pkt == Feedback(
+        transfer, receiver, poll, seq_seen, missing, received, flags, tuple(ranges)
+    )
     assert isinstance(pkt, Feedback)
     assert isinstance(pkt.ranges, tuple)
 
 
+@given(keys, u64, u32, u64, st.integers(0, 2**24 - 1), u64, st.binary(max_size=1400))
+def test_parity_round_trip(
+    key: bytes, session: int, transfer: int, seq: int, esi: int, block: int, symbol: bytes
+) -> None:
+    datagram = encode_parity(key, session, transfer, seq, block, esi, symbol)
+    pkt = decode(datagram, key, session)
+    assert isinstance(pkt, Parity)
+    assert (pkt.transfer, pkt.seq, pkt.esi, pkt.block, bytes(pkt.payload)) == (
+        transfer, seq, esi, block, symbol)
+
+
 def test_feedback_flags() -> None:
     assert (FLAG_COMPLETE, FLAG_MORE) == (1, 2)
-    datagram = encode_feedback(KEY, SESSION, 1, 2, 0, 5, 0, FLAG_COMPLETE, ())
+    datagram = encode_feedback(KEY, SESSION, 1, 2, 0, 5, 0, 3, FLAG_COMPLETE, ())
     pkt = decode(datagram, KEY, SESSION)
     assert isinstance(pkt, Feedback)
     assert pkt.flags & FLAG_COMPLETE
@@ -218,10 +238,10 @@ def test_feedback_flags() -> None:
         lambda: encode_data(KEY, SESSION, 0, 0, 2**32, 0, b""),
         lambda: encode_data(KEY, 2**64, 0, 0, 0, 0, b""),
         lambda: encode_poll(KEY, SESSION, 0, -1, 0),
-        lambda: encode_feedback(KEY, SESSION, 0, 0, 0, 0, 0, 256, ()),
-        lambda: encode_feedback(KEY, SESSION, 0, 0, 0, 0, 0, 0, [(0, 0)]),
-        lambda: encode_feedback(KEY, SESSION, 0, 0, 0, 0, 0, 0, [(2**64, 1)]),
-        lambda: encode_feedback(KEY, SESSION, 0, 0, 0, 0, 0, 0, [(0, 1)] * (U16 + 1)),
+        lambda: encode_feedback(KEY, SESSION, 0, 0, 0, 0, 0, 0, 256, ()),
+        lambda: encode_feedback(KEY, SESSION, 0, 0, 0, 0, 0, 0, 0, [(0, 0)]),
+        lambda: encode_feedback(KEY, SESSION, 0, 0, 0, 0, 0, 0, 0, [(2**64, 1)]),
+        lambda: encode_feedback(KEY, SESSION, 0, 0, 0, 0, 0, 0, 0, [(0, 1)] * (U16 + 1)),
     ],
 )
 def test_encode_out_of_range(call: object) -> None:
@@ -256,7 +276,7 @@ def test_bad_magic(kind: str) -> None:
     assert _reason(b"RM" + d[2:]) is DropReason.MAGIC
 
 
-@pytest.mark.parametrize("ptype", [0, 4, 255])
+@pytest.mark.parametrize("ptype", [0, 5, 255])
 def test_unknown_type(ptype: int) -> None:
     d = bytearray(_poll())
     d[3] = ptype
@@ -390,4 +410,4 @@ def test_random_bytes_with_authentic_mac_only_raise_decode_error(body: bytes, se
         except DecodeError as e:
             assert e.reason is DropReason.LENGTH
         else:
-            assert isinstance(pkt, (Data, Poll, Feedback))
+            assert isinstance(pkt, (Data, Parity, Poll, Feedback))

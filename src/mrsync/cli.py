@@ -141,6 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="verbosity: 0 quiet (default), 1 per-target summary, 2 counters")
     p.add_argument("--page-size", type=int, metavar="BYTES",
                    help="payload bytes per datagram (default: from the path MTU)")
+    p.add_argument("--fec", type=float, default=0.0, metavar="PERCENT",
+                   help="proactive parity: add PERCENT%% repair symbols to every block as it is "
+                        "sent, for links known to be lossy (default 0: parity only on demand)")
+    p.add_argument("--no-parity", dest="parity", action="store_false",
+                   help="repair by resending lost pages only (no RaptorQ parity)")
     p.add_argument("--rate", type=_parse_rate, metavar="BITS",
                    help="cap the send rate, bits per second, e.g. 200M (default: no cap)")
     p.add_argument("--progress", dest="progress", action="store_true", default=None,
@@ -276,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
         rsh=args.rsh,
         mrsync_path=args.mrsync_path,
         sitout_lag=args.sitout_lag if args.sitout_lag > 0 else None,
+        parity=args.parity,
+        fec_ratio=max(0.0, args.fec) / 100,
         page_size=args.page_size,
         rate=args.rate / 8 if args.rate else None,
         verbose=args.verbose,

@@ -33,6 +33,8 @@ class Hello(msgspec.Struct, tag=True):
     feedback_host: str  # where to send FEEDBACK datagrams
     feedback_port: int
     page_size: int
+    block_pages: int  # pages per parity block
+    fec: bool  # parity repair (RaptorQ) for this session
     report_every: int
     max_datagram: int  # largest datagram the path carries, for sizing feedback
     verbose: int = 0

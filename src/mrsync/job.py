@@ -44,22 +44,31 @@ from mrsync.control import (
     frame,
     ids_from_bitmap,
 )
-from mrsync.engine.layout import Layout
+from mrsync.engine.fec import supported as fec_supported
+from mrsync.engine.layout import Layout, block_pages_for
 from mrsync.engine.sender import (
     ReceiverLost,
     ReceiverSatOut,
     SendDatagram,
     Sender,
     SendPage,
+    SendParity,
 )
 from mrsync.io.net import IP_UDP_HEADERS, Endpoint, interface_mtu, open_sender
-from mrsync.io.source import BlobPages, FilePages
+from mrsync.io.source import BlobPages, FilePages, ParitySymbols
 from mrsync.plan.manifest import Kind, Manifest, encode_manifest
 from mrsync.plan.options import SyncOptions
 from mrsync.plan.scan import scan_source, source_root
 from mrsync.remote.targets import TargetSpec, server_command
 from mrsync.report import Reporter
-from mrsync.wire import DATA_OVERHEAD, DecodeError, Feedback, decode, encode_data
+from mrsync.wire import (
+    DATA_OVERHEAD,
+    DecodeError,
+    Feedback,
+    decode,
+    encode_data,
+    encode_parity,
+)
 
 MANIFEST_OBJECT = 0
 HANDSHAKE_TIMEOUT = 30.0  # seconds for a target to start and answer
@@ -83,6 +92,8 @@ class JobOptions:
     mrsync_path: str = "mrsync"
     sitout_lag: float | None = 2.0
     silence_timeout: float = 30.0
+    parity: bool = True  # RaptorQ parity repair when the page size allows it
+    fec_ratio: float = 0.0  # proactive parity per block, as a share of its pages
 
 
 @dataclass
@@ -117,6 +128,7 @@ class Flow:
     sender: Sender
     source: BlobPages | FilePages
     dest: Address
+    parity: ParitySymbols
 
 
 @dataclass
@@ -170,6 +182,8 @@ class Job:
         self.page_size = options.page_size or choose_page_size(options.endpoint)
         self.max_datagram = self.page_size + DATA_OVERHEAD
         self.window = max(16, min(1024, WINDOW_BYTES // (self.max_datagram + 512)))
+        self.block_pages = block_pages_for(self.page_size)
+        self.fec = options.parity and fec_supported(self.page_size)
         self.targets = [Target(rid=i, spec=spec) for i, spec in enumerate(options.targets)]
         self.selector = selectors.DefaultSelector()
         self.sock: socket.socket | None = None
@@ -234,13 +248,13 @@ class Job:
 
     def _transfer_blob(self, blob: bytes) -> None:
         digest = blake3.blake3(blob).digest()
-        layout = Layout([(MANIFEST_OBJECT, len(blob))], self.page_size)
+        layout = Layout([(MANIFEST_OBJECT, len(blob))], self.page_size, self.block_pages)
         start = StartTransfer(self._next_transfer(), "manifest", size=len(blob), digest=digest)
         self._run_transfer(start, layout, lambda: BlobPages(blob, self.page_size), "manifest")
 
     def _transfer_files(self, manifest: Manifest, union: list[int]) -> None:
         entries = manifest.entries
-        layout = Layout([(i, entries[i].size) for i in union], self.page_size)
+        layout = Layout([(i, entries[i].size) for i in union], self.page_size, self.block_pages)
         start = StartTransfer(self._next_transfer(), "data",
                               objects=bitmap_from_ids(union, len(entries)))
         root = source_root(self.options.source)
@@ -284,11 +298,13 @@ class Job:
             key=self.key, session=self.session, window=self.window, rate=self.options.rate,
             now=time.monotonic(), sitout_lag=self.options.sitout_lag,
             silence_timeout=self.options.silence_timeout,
+            fec_ratio=self.options.fec_ratio if self.fec else 0.0,
         )
         for t in self.targets:
             if transfer in t.done:
                 sender.receiver_done(t.rid)
-        self._run_flows([Flow(sender, open_source(), group)], what)
+        source = open_source()
+        self._run_flows([Flow(sender, source, group, ParitySymbols(layout, source))], what)
         # Catch-up: each target that sat out gets what it still lacks, by unicast, with its
         # own sender, all at once. The numbering of seqs continues where the group's ended.
         behind = [t for t in self.targets
@@ -307,7 +323,8 @@ class Job:
                 )
                 addr: Address = (t.hello.address, t.hello.data_port) if (
                     ep.family == socket.AF_INET) else (t.hello.address, t.hello.data_port, 0, 0)
-                flows.append(Flow(catchup, open_source(), addr))
+                source = open_source()
+                flows.append(Flow(catchup, source, addr, ParitySymbols(layout, source)))
             self._run_flows(flows, f"{what} catch-up")
             for t in behind:
                 if t.alive:
@@ -329,6 +346,7 @@ class Job:
         self.stats.update(
             pages_sent=s.pages_sent, pages_resent=s.pages_resent, bytes_sent=s.bytes_sent,
             bytes_resent=s.bytes_resent, polls=s.polls_sent, feedback=s.feedback,
+            parity_sent=s.parity_sent, parity_bytes=s.parity_bytes,
         )
         for reason, count in s.dropped.items():
             self.stats[f"dropped_{reason}"] += count
@@ -378,6 +396,12 @@ class Job:
                 self.sock.sendto(datagram, flow.dest)
                 self.stats["wire_bytes"] += len(datagram)
                 self.reporter.sent(length, action.repair)
+            elif isinstance(action, SendParity):
+                symbol = flow.parity.symbol(action.block, action.esi)
+                datagram = encode_parity(self.key, self.session, sender.transfer, action.seq,
+                                         action.block, action.esi, symbol)
+                self.sock.sendto(datagram, flow.dest)
+                self.stats["wire_bytes"] += len(datagram)
             elif isinstance(action, SendDatagram):
                 self.sock.sendto(action.data, flow.dest)
                 self.stats["wire_bytes"] += len(action.data)
@@ -442,6 +466,7 @@ class Job:
                     # their route to us goes through.
                     interface=ep.interface if local_only or t.spec.host is None else "",
                     feedback_host=host, feedback_port=port, page_size=self.page_size,
+                    block_pages=self.block_pages, fec=self.fec,
                     report_every=max(1, self.window // 4), max_datagram=self.max_datagram,
                     verbose=self.options.verbose, options=self.options.sync,
                 ),

@@ -12,18 +12,32 @@ from __future__ import annotations
 import bisect
 from collections.abc import Iterable
 
-BLOCK_PAGES = 64
+BLOCK_PAGES = 1024  # the most pages in a block; fewer when pages are large (see block_pages_for)
+BLOCK_BYTES = 2 * 1024 * 1024  # a receiver may hold a block in memory while it waits for parity
+
+
+def block_pages_for(page_size: int) -> int:
+    """Pages per parity block: large blocks make parity cheap (one repair symbol serves every
+    receiver's different loss, and the worst receiver's share of a big block is close to the
+    average), bounded so that a block fits in a receiver's memory."""
+    return max(1, min(BLOCK_PAGES, BLOCK_BYTES // page_size))
 
 
 class Layout:
-    __slots__ = ("page_size", "objects", "sizes", "first_page", "_starts", "_owners", "total_pages")
+    __slots__ = (
+        "page_size", "block_pages", "objects", "sizes", "first_page", "_starts", "_owners",
+        "total_pages",
+    )  # fmt: skip
 
-    def __init__(self, objects: Iterable[tuple[int, int]], page_size: int) -> None:
+    def __init__(
+        self, objects: Iterable[tuple[int, int]], page_size: int, block_pages: int | None = None
+    ) -> None:
         """``objects`` are (object id, size in bytes) in sending order; empty objects take no
         pages (there is nothing to send for them)."""
         if page_size <= 0:
             raise ValueError("page size must be positive")
         self.page_size = page_size
+        self.block_pages = block_pages or block_pages_for(page_size)
         self.objects: list[int] = []
         self.sizes: dict[int, int] = {}
         self.first_page: dict[int, int] = {}
@@ -59,6 +73,17 @@ class Layout:
     def page_length(self, obj: int, page: int) -> int:
         """Bytes in that page: a full page except the last page of an object."""
         return min(self.page_size, self.sizes[obj] - page * self.page_size)
+
+    @property
+    def total_blocks(self) -> int:
+        return -(-self.total_pages // self.block_pages)
+
+    def block_of(self, global_page: int) -> int:
+        return global_page // self.block_pages
+
+    def block_size(self, block: int) -> int:
+        """Pages in this block: ``block_pages`` except for the last block."""
+        return min(self.block_pages, self.total_pages - block * self.block_pages)
 
     def bytes_total(self) -> int:
         return sum(self.sizes.values())

@@ -8,6 +8,14 @@ send this feedback datagram, the transfer is complete.
 It keeps one byte per global page (1 = wanted and still missing), so that the ranges it lacks
 come out of ``bytearray.find`` at C speed even for millions of pages, and a per-object count
 of missing pages so that it can say the moment a file is whole.
+
+Parity (``fec=True``): while a block has wanted pages missing, the receiver keeps every
+symbol of that block it has seen (pages it does not want included: any K symbols decode a
+K-page block). As soon as the sender has moved on to a later block, it reports per block how
+many more symbols it needs (FEEDBACK with FLAG_BLOCKS), so parity for a block follows within a
+round trip and the block's memory is released early. When K symbols are held, the block is
+decoded and the missing pages are written. Should held blocks exceed ``max_buffered`` bytes,
+further blocks fall back to plain page NACKs, so memory stays bounded whatever the loss.
 """
 
 from __future__ import annotations
@@ -16,12 +24,15 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from mrsync.engine.fec import BlockDecoder
 from mrsync.engine.layout import Layout
 from mrsync.wire import (
+    FLAG_BLOCKS,
     FLAG_COMPLETE,
     FLAG_MORE,
     Data,
     DecodeError,
+    Parity,
     Poll,
     decode,
     encode_feedback,
@@ -63,6 +74,9 @@ class ReceiverStats:
     bytes_written: int = 0
     duplicates: int = 0  # pages we already had (repairs meant for others)
     unwanted: int = 0  # pages of objects this target does not need
+    parity: int = 0  # repair symbols received
+    blocks_decoded: int = 0
+    pages_decoded: int = 0  # missing pages rebuilt from parity
     polls: int = 0
     feedback_sent: int = 0
     dropped: Counter[str] = field(default_factory=Counter)
@@ -78,6 +92,7 @@ class Receiver:
         report_every: int,
         max_ranges: int,
         max_feedback_datagrams: int = 8,
+        max_buffered: int = 64 * 1024 * 1024,
     ) -> None:
         self.receiver_id = receiver_id
         self.stats = ReceiverStats()
@@ -86,25 +101,42 @@ class Receiver:
         self._report_every = max(1, report_every)
         self._max_ranges = max(1, max_ranges)
         self._max_feedback_datagrams = max_feedback_datagrams
+        self._max_buffered = max_buffered
         self.transfer: int | None = None
         self.layout: Layout | None = None
         self._missing_pages = bytearray()
         self._missing_in: dict[int, int] = {}  # object -> pages still missing
         self.missing = 0
         self.seq_seen = 0
+        self.received = 0  # datagrams of the current transfer that arrived
         self._reported_seq = 0
         self._finished: set[int] = set()  # transfers this receiver completed
+        # parity state
+        self._fec = False
+        self._block_missing: dict[int, int] = {}  # block -> wanted pages missing
+        self._held: dict[int, dict[int, bytes]] = {}  # block -> esi -> symbol
+        self._buffered = 0  # bytes held in _held
+        self._page_mode: set[int] = set()  # blocks repaired by page NACKs only
+        self._current_block = -1  # highest block seen: blocks before it are fully sent
 
     def start_transfer(
-        self, transfer: int, layout: Layout, wanted: Iterable[int]
+        self, transfer: int, layout: Layout, wanted: Iterable[int], *, fec: bool = False
     ) -> list[ReceiverAction]:
         """Begin a new transfer; returns ``TransferComplete`` at once if nothing is wanted."""
         self.transfer = transfer
         self.layout = layout
         self.seq_seen = 0
+        self.received = 0
         self._reported_seq = 0
+        self._fec = fec
+        self._block_missing = {}
+        self._held = {}
+        self._buffered = 0
+        self._page_mode = set()
+        self._current_block = -1
         missing = bytearray(layout.total_pages)
         self._missing_in = {}
+        bp = layout.block_pages
         for obj in wanted:
             n = layout.pages_of(obj)
             if n == 0:
@@ -112,6 +144,13 @@ class Receiver:
             first = layout.first_page[obj]
             missing[first : first + n] = b"\x01" * n
             self._missing_in[obj] = n
+            # Wanted pages per block, one block boundary at a time.
+            g, end = first, first + n
+            while g < end:
+                block = g // bp
+                upto = min(end, (block + 1) * bp)
+                self._block_missing[block] = self._block_missing.get(block, 0) + upto - g
+                g = upto
         self._missing_pages = missing
         self.missing = sum(self._missing_in.values())
         if self.missing == 0:
@@ -127,12 +166,14 @@ class Receiver:
             return []
         if isinstance(pkt, Data):
             return self._on_data(pkt)
+        if isinstance(pkt, Parity):
+            return self._on_parity(pkt)
         if isinstance(pkt, Poll):
             return self._on_poll(pkt)
         self.stats.dropped["unexpected"] += 1
         return []
 
-    # -- internals --------------------------------------------------------------------------
+    # -- data -------------------------------------------------------------------------------
 
     def _on_data(self, pkt: Data) -> list[ReceiverAction]:
         layout = self.layout
@@ -146,23 +187,20 @@ class Receiver:
         if len(pkt.payload) != layout.page_length(pkt.obj, pkt.page):
             self.stats.dropped["bad-length"] += 1
             return []
+        self.received += 1
         if pkt.seq > self.seq_seen:
             self.seq_seen = pkt.seq
         actions: list[ReceiverAction] = []
         g = first + pkt.page
+        block = g // layout.block_pages
+        if self._fec:
+            if block > self._current_block:
+                self._new_block(block, actions)
+            if self._block_missing.get(block) and block not in self._page_mode:
+                self._hold(block, g - block * layout.block_pages, pkt.payload)
         if self._missing_pages[g]:
-            self._missing_pages[g] = 0
-            self.missing -= 1
-            self.stats.pages_written += 1
-            self.stats.bytes_written += len(pkt.payload)
-            actions.append(WritePage(pkt.obj, pkt.page, pkt.page * layout.page_size, pkt.payload))
-            left = self._missing_in[pkt.obj] - 1
-            self._missing_in[pkt.obj] = left
-            if left == 0:
-                actions.append(ObjectComplete(pkt.obj))
+            self._got_page(pkt.obj, pkt.page, g, pkt.payload, actions)
             if self.missing == 0:
-                actions.append(SendFeedback(self._feedback(0, (), FLAG_COMPLETE)))
-                actions.append(self._complete())
                 return actions
         elif pkt.obj in self._missing_in:
             self.stats.duplicates += 1
@@ -172,6 +210,126 @@ class Receiver:
             # Unsolicited progress: opens the sender's window before it has to ask.
             actions.append(SendFeedback(self._feedback(0, (), 0)))
         return actions
+
+    def _got_page(
+        self, obj: int, page: int, g: int, payload: memoryview | bytes,
+        actions: list[ReceiverAction],
+    ) -> None:
+        """A wanted page arrived (or was decoded): write it, and settle what it completes."""
+        layout = self.layout
+        assert layout is not None
+        self._missing_pages[g] = 0
+        self.missing -= 1
+        self.stats.pages_written += 1
+        self.stats.bytes_written += len(payload)
+        actions.append(WritePage(obj, page, page * layout.page_size, payload))
+        left = self._missing_in[obj] - 1
+        self._missing_in[obj] = left
+        if left == 0:
+            actions.append(ObjectComplete(obj))
+        block = g // layout.block_pages
+        still = self._block_missing[block] - 1
+        self._block_missing[block] = still
+        if still == 0:
+            self._release(block)
+        if self.missing == 0:
+            actions.append(SendFeedback(self._feedback(0, (), FLAG_COMPLETE)))
+            actions.append(self._complete())
+
+    # -- parity -----------------------------------------------------------------------------
+
+    def _on_parity(self, pkt: Parity) -> list[ReceiverAction]:
+        layout = self.layout
+        if pkt.transfer != self.transfer or layout is None:
+            self.stats.dropped["stale"] += 1
+            return []
+        if pkt.block >= layout.total_blocks or len(pkt.payload) != layout.page_size:
+            self.stats.dropped["bad-parity"] += 1
+            return []
+        self.received += 1
+        self.stats.parity += 1
+        if pkt.seq > self.seq_seen:
+            self.seq_seen = pkt.seq
+        actions: list[ReceiverAction] = []
+        if not self._fec:
+            return actions
+        block = pkt.block
+        if block > self._current_block:
+            self._new_block(block, actions)
+        if not self._block_missing.get(block) or block in self._page_mode:
+            return actions  # nothing missing here (or repaired page by page): not for us
+        held = self._hold(block, pkt.esi, pkt.payload)
+        if held is not None and len(held) >= layout.block_size(block):
+            self._decode(block, held, actions)
+        return actions
+
+    def _hold(self, block: int, esi: int, symbol: memoryview | bytes) -> dict[int, bytes] | None:
+        held = self._held.get(block)
+        if held is None:
+            if self._buffered >= self._max_buffered:
+                self._page_mode.add(block)  # memory is spent: this block goes page by page
+                return None
+            held = self._held[block] = {}
+        if esi not in held:
+            assert self.layout is not None
+            size = self.layout.page_size
+            data = bytes(symbol)
+            if len(data) < size:  # the short last page of an object, as the encoder saw it
+                data += bytes(size - len(data))
+            held[esi] = data
+            self._buffered += size
+        return held
+
+    def _release(self, block: int) -> None:
+        held = self._held.pop(block, None)
+        if held is not None and self.layout is not None:
+            self._buffered -= len(held) * self.layout.page_size
+
+    def _decode(self, block: int, held: dict[int, bytes], actions: list[ReceiverAction]) -> None:
+        layout = self.layout
+        assert layout is not None
+        k = layout.block_size(block)
+        decoder = BlockDecoder(k, layout.page_size)
+        result = None
+        for esi, symbol in held.items():
+            result = decoder.add(esi, symbol)
+            if result is not None:
+                break
+        if result is None:
+            return  # K symbols do not always suffice (rarely): the next report asks for one more
+        self.stats.blocks_decoded += 1
+        first = block * layout.block_pages
+        size = layout.page_size
+        for g in range(first, first + k):
+            if self._missing_pages[g]:
+                obj, page = layout.locate(g)
+                start = (g - first) * size
+                data = result[start : start + layout.page_length(obj, page)]
+                self.stats.pages_decoded += 1
+                self._got_page(obj, page, g, data, actions)
+                if self.missing == 0:
+                    return
+        self._release(block)
+
+    def _new_block(self, block: int, actions: list[ReceiverAction]) -> None:
+        """The sender has moved on to ``block``: every block before it has been sent in full,
+        so say now what those blocks still need."""
+        self._current_block = block
+        needs = self._block_needs(before=block)
+        if needs:
+            actions.append(SendFeedback(self._feedback(0, needs[: self._max_ranges], FLAG_BLOCKS)))
+
+    def _block_needs(self, before: int | None = None) -> list[tuple[int, int]]:
+        assert self.layout is not None
+        needs = []
+        for block, held in sorted(self._held.items()):
+            if before is not None and block >= before:
+                break
+            if self._block_missing.get(block):
+                needs.append((block, self.layout.block_size(block) - len(held)))
+        return [(b, n if n > 0 else 1) for b, n in needs]  # n <= 0: decoding failed, ask for 1
+
+    # -- polls ------------------------------------------------------------------------------
 
     def _on_poll(self, pkt: Poll) -> list[ReceiverAction]:
         self.stats.polls += 1
@@ -185,27 +343,42 @@ class Receiver:
         if pkt.seq > self.seq_seen:
             self.seq_seen = pkt.seq
         actions: list[ReceiverAction] = []
-        ranges = self._missing_ranges(self._max_ranges * self._max_feedback_datagrams)
-        chunks = [ranges[i : i + self._max_ranges] for i in range(0, len(ranges), self._max_ranges)]
-        more_left = len(ranges) == self._max_ranges * self._max_feedback_datagrams
-        for i, chunk in enumerate(chunks or [[]]):
-            last = i == len(chunks) - 1 or not chunks
+        limit = self._max_ranges * self._max_feedback_datagrams
+        ranges = self._missing_ranges(limit)
+        needs = self._block_needs() if self._fec else []
+        step = self._max_ranges
+        chunks = [ranges[i : i + step] for i in range(0, len(ranges), step)]
+        more_left = len(ranges) >= limit
+        for i, chunk in enumerate(chunks):
+            last = i == len(chunks) - 1
             flags = FLAG_MORE if (not last or more_left) else 0
             actions.append(SendFeedback(self._feedback(pkt.poll, chunk, flags)))
+        for i in range(0, len(needs), step):
+            actions.append(SendFeedback(self._feedback(pkt.poll, needs[i : i + step],
+                                                       FLAG_BLOCKS)))
+        if not actions:  # nothing page-wise, nothing block-wise: still answer the poll
+            actions.append(SendFeedback(self._feedback(pkt.poll, (), 0)))
         return actions
 
     def _missing_ranges(self, limit: int) -> list[tuple[int, int]]:
+        """Missing wanted pages as (start, count), except pages of blocks that parity will
+        repair (those are reported per block)."""
         ranges: list[tuple[int, int]] = []
         pages = self._missing_pages
+        assert self.layout is not None
+        bp = self.layout.block_pages
+        held = self._held
         pos = pages.find(1)
         while pos != -1 and len(ranges) < limit:
             end = pages.find(0, pos)
             if end == -1:
                 end = len(pages)
             while pos < end and len(ranges) < limit:
-                count = min(end - pos, _U32_MAX)
-                ranges.append((pos, count))
-                pos += count
+                block = pos // bp
+                upto = min(end, (block + 1) * bp, pos + _U32_MAX)
+                if block not in held:
+                    ranges.append((pos, upto - pos))
+                pos = upto
             pos = pages.find(1, end)
         return ranges
 
@@ -216,16 +389,19 @@ class Receiver:
     def _feedback_for(
         self, transfer: int, poll: int, ranges: Iterable[tuple[int, int]], flags: int
     ) -> bytes:
-        self._reported_seq = self.seq_seen
+        current = transfer == self.transfer
+        if current:
+            self._reported_seq = self.seq_seen
         self.stats.feedback_sent += 1
-        seq_seen = self.seq_seen if transfer == self.transfer else 0
-        missing = self.missing if transfer == self.transfer else 0
         return encode_feedback(
-            self._key, self._session, transfer, self.receiver_id, poll, seq_seen, missing,
-            flags, list(ranges),
-        )
+            self._key, self._session, transfer, self.receiver_id, poll,
+            self.seq_seen if current else 0, self.missing if current else 0,
+            self.received if current else 0, flags, list(ranges),
+        )  # fmt: skip
 
     def _complete(self) -> TransferComplete:
         assert self.transfer is not None
         self._finished.add(self.transfer)
+        self._held = {}
+        self._buffered = 0
         return TransferComplete(self.transfer)

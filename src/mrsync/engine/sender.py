@@ -17,6 +17,13 @@ What it does:
   sender resends each listed page unless it was already resent after that point (``_last_sent``
   per page), and sends the union once to all. Then it polls again, until every receiver reports
   COMPLETE (on the data plane, or through the control stream via ``receiver_done``).
+* **Parity.** Receivers that lose pages of a block report, per block, how many more symbols
+  they need (FLAG_BLOCKS) as soon as the sender has moved past the block, and at polls. The
+  sender sends, per block, the largest count any receiver asked for (plus one, because K
+  RaptorQ symbols decode only about 99 % of the time), as fresh repair symbols (``SendParity``)
+  that serve every receiver at once. ``fec_ratio`` adds proactive parity to every block as
+  its last page goes out, for links known to be lossy. Parity goes before page repairs, which
+  go before the first pass, so that receivers can release a block's memory early.
 * **Sitting out.** The window paces the sender to its slowest receiver, which is right for a
   receiver that is a little slower and wrong for one that stalls (a frozen process, a dying
   disk). Every seq's send time is kept; a receiver whose last processed datagram was sent more
@@ -41,7 +48,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from mrsync.engine.layout import Layout
-from mrsync.wire import FLAG_COMPLETE, DecodeError, Feedback, decode, encode_poll
+from mrsync.wire import FLAG_BLOCKS, FLAG_COMPLETE, DecodeError, Feedback, decode, encode_poll
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +59,15 @@ class SendPage:
     page: int
     seq: int
     repair: bool
+
+
+@dataclass(frozen=True, slots=True)
+class SendParity:
+    """Compute repair symbol ``esi`` of ``block`` and multicast it as PARITY with this seq."""
+
+    block: int
+    esi: int
+    seq: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,7 +89,7 @@ class ReceiverSatOut:
     lag: float  # seconds it was behind the sender
 
 
-SenderAction = SendPage | SendDatagram | ReceiverLost | ReceiverSatOut
+SenderAction = SendPage | SendParity | SendDatagram | ReceiverLost | ReceiverSatOut
 
 
 @dataclass
@@ -82,6 +98,8 @@ class SenderStats:
     pages_resent: int = 0  # repair data datagrams
     bytes_sent: int = 0  # payload bytes, first pass
     bytes_resent: int = 0  # payload bytes, repairs
+    parity_sent: int = 0  # repair symbols
+    parity_bytes: int = 0
     polls_sent: int = 0
     feedback: int = 0
     dropped: Counter[str] = field(default_factory=Counter)
@@ -117,6 +135,7 @@ class Sender:
         sitout_lag: float | None = 2.0,
         first_seq: int = 0,
         repair_only: bool = False,
+        fec_ratio: float = 0.0,
     ) -> None:
         if window < 1:
             raise ValueError("window must be at least one datagram")
@@ -141,6 +160,11 @@ class Sender:
             self._last_sent = array("Q", [max(first_seq, 1)]) * total
         self._queued = bytearray(total)  # 1 while a page waits in the repair heap
         self._repairs: list[int] = []  # heap of global pages to resend, lowest first
+        self._fec_ratio = fec_ratio
+        self._parity_due: dict[int, int] = {}  # block -> repair symbols still to send
+        self._parity_heap: list[int] = []  # blocks with parity due, lowest first
+        self._next_esi: dict[int, int] = {}  # block -> next fresh repair symbol id
+        self._parity_seq: dict[int, int] = {}  # block -> seq of its latest repair symbol
         self._first_seq = first_seq
         self._seq = first_seq
         self._send_times = array("d")  # send time of seq first_seq + 1 + i
@@ -194,7 +218,10 @@ class Sender:
         if pkt.flags & FLAG_COMPLETE:
             self._settle(peer, complete=True)
         if not peer.sat_out:  # its catch-up serves it; the group is not made to wait
-            self._queue_repairs(pkt.ranges, peer.seq_seen)
+            if pkt.flags & FLAG_BLOCKS:
+                self._queue_parity(pkt.ranges, peer.seq_seen)
+            else:
+                self._queue_repairs(pkt.ranges, peer.seq_seen)
 
     def receiver_done(self, receiver: int) -> None:
         """The control stream says this receiver has the whole transfer."""
@@ -274,9 +301,15 @@ class Sender:
     # -- internals --------------------------------------------------------------------------
 
     def _has_page(self) -> bool:
-        return bool(self._repairs) or self._next_first < self.layout.total_pages
+        return (
+            bool(self._parity_heap)
+            or bool(self._repairs)
+            or self._next_first < self.layout.total_pages
+        )
 
-    def _next_page(self, now: float) -> SendPage:
+    def _next_page(self, now: float) -> SendPage | SendParity:
+        if self._parity_heap:
+            return self._next_parity(now)
         if self._repairs:
             g = heapq.heappop(self._repairs)
             self._queued[g] = 0
@@ -296,9 +329,53 @@ class Sender:
         else:
             self.stats.pages_sent += 1
             self.stats.bytes_sent += length
+        self._pace(now, length)
+        if not repair and self._fec_ratio > 0:
+            layout = self.layout
+            block = g // layout.block_pages
+            if g == block * layout.block_pages + layout.block_size(block) - 1:
+                self._add_parity(block, math.ceil(self._fec_ratio * layout.block_size(block)))
+        return SendPage(obj, page, self._seq, repair)
+
+    def _pace(self, now: float, length: int) -> None:
         if self._rate is not None:
             self._next_send_at = max(self._next_send_at, now) + length / self._rate
-        return SendPage(obj, page, self._seq, repair)
+
+    def _next_parity(self, now: float) -> SendParity:
+        block = self._parity_heap[0]
+        left = self._parity_due[block] - 1
+        if left:
+            self._parity_due[block] = left
+        else:
+            del self._parity_due[block]
+            heapq.heappop(self._parity_heap)
+        esi = self._next_esi.get(block, self.layout.block_size(block))
+        self._next_esi[block] = esi + 1
+        self._seq += 1
+        self._send_times.append(now)
+        self._parity_seq[block] = self._seq
+        self.stats.parity_sent += 1
+        self.stats.parity_bytes += self.layout.page_size
+        self._pace(now, self.layout.page_size)
+        return SendParity(block, esi, self._seq)
+
+    def _add_parity(self, block: int, count: int) -> None:
+        if count <= 0:
+            return
+        due = self._parity_due.get(block)
+        if due is None:
+            heapq.heappush(self._parity_heap, block)
+            self._parity_due[block] = count
+        elif count > due:
+            self._parity_due[block] = count
+
+    def _queue_parity(self, needs: Iterable[tuple[int, int]], seq_seen: int) -> None:
+        total = self.layout.total_blocks
+        for block, need in needs:
+            # Repair symbols for this block still on their way to that receiver: its count
+            # does not include them yet, wait for its next report.
+            if block < total and self._parity_seq.get(block, 0) <= seq_seen:
+                self._add_parity(block, need + 1)
 
     def _window_full(self) -> bool:
         if self._seq - self._min_seen < self._window:

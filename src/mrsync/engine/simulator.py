@@ -16,6 +16,7 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from mrsync.engine.fec import BlockEncoder, supported
 from mrsync.engine.layout import Layout
 from mrsync.engine.receiver import (
     ObjectComplete,
@@ -24,8 +25,15 @@ from mrsync.engine.receiver import (
     TransferComplete,
     WritePage,
 )
-from mrsync.engine.sender import ReceiverLost, SendDatagram, Sender, SendPage
-from mrsync.wire import DATA_OVERHEAD, encode_data, max_feedback_ranges
+from mrsync.engine.sender import (
+    ReceiverLost,
+    ReceiverSatOut,
+    SendDatagram,
+    Sender,
+    SendPage,
+    SendParity,
+)
+from mrsync.wire import DATA_OVERHEAD, encode_data, encode_parity, max_feedback_ranges
 
 ContentFn = Callable[[int, int], bytes]  # (object, page) -> payload bytes
 
@@ -44,11 +52,17 @@ class SimResult:
     receivers: list[SimReceiverResult]
     duration: float  # virtual seconds
     data_bytes: int  # payload bytes of the first pass
-    repair_bytes: int  # payload bytes resent
+    repair_bytes: int  # payload bytes resent as pages
+    parity_bytes: int  # repair symbols
     wire_bytes: int  # every byte the master put on its link, headers included
     polls: int
     feedback_datagrams: int
     lost: list[int] = field(default_factory=list)
+
+    @property
+    def repair_share(self) -> float:
+        """Everything sent beyond the first pass, as a share of it."""
+        return (self.repair_bytes + self.parity_bytes) / self.data_bytes if self.data_bytes else 0
 
     @property
     def all_identical(self) -> bool:
@@ -68,16 +82,20 @@ def simulate(
     latency: float = 0.0005,
     wanted: Callable[[int], Sequence[int]] | None = None,
     max_time: float = 3600.0,
+    fec: bool = True,
+    fec_ratio: float = 0.0,
+    block_pages: int | None = None,
 ) -> SimResult:
     rng = random.Random(seed)
     key = rng.randbytes(32)
     session = rng.getrandbits(64)
-    layout = Layout(objects, page_size)
+    layout = Layout(objects, page_size, block_pages)
+    fec = fec and supported(page_size)
     transfer = 1
     t0 = 0.0
     sender = Sender(
         transfer=transfer, layout=layout, receivers=range(receivers), key=key, session=session,
-        window=window, now=t0,
+        window=window, now=t0, fec_ratio=fec_ratio,
     )
     max_ranges = max_feedback_ranges(1400)
     machines = [
@@ -89,7 +107,7 @@ def simulate(
     all_objects = [obj for obj, _ in objects]
     for i, machine in enumerate(machines):
         want = wanted(i) if wanted else all_objects
-        for started in machine.start_transfer(transfer, layout, want):
+        for started in machine.start_transfer(transfer, layout, want, fec=fec):
             if isinstance(started, TransferComplete):
                 results[i].complete = True
                 sender.receiver_done(i)
@@ -102,6 +120,20 @@ def simulate(
     wire_bytes = 0
     feedback = 0
     lost: list[int] = []
+
+    encoders: dict[int, BlockEncoder] = {}
+
+    def parity_symbol(block: int, esi: int) -> bytes:
+        encoder = encoders.get(block)
+        if encoder is None:
+            k = layout.block_size(block)
+            first = block * layout.block_pages
+            parts = []
+            for g in range(first, first + k):
+                page = content(*layout.locate(g))
+                parts.append(page + bytes(page_size - len(page)))
+            encoder = encoders[block] = BlockEncoder(b"".join(parts), page_size, k)
+        return encoder.symbol(esi)
 
     def deliver(machine_id: int, datagram: bytes, at: float) -> None:
         nonlocal feedback
@@ -142,9 +174,14 @@ def simulate(
             if isinstance(sent, ReceiverLost):
                 lost.append(sent.receiver)
                 continue
+            if isinstance(sent, ReceiverSatOut):
+                continue
             if isinstance(sent, SendPage):
                 datagram = encode_data(key, session, transfer, sent.seq, sent.obj, sent.page,
                                        content(sent.obj, sent.page))
+            elif isinstance(sent, SendParity):
+                datagram = encode_parity(key, session, transfer, sent.seq, sent.block, sent.esi,
+                                         parity_symbol(sent.block, sent.esi))
             elif isinstance(sent, SendDatagram):
                 datagram = sent.data
             else:  # pragma: no cover - exhaustive
@@ -162,6 +199,7 @@ def simulate(
         duration=now - t0,
         data_bytes=sender.stats.bytes_sent,
         repair_bytes=sender.stats.bytes_resent,
+        parity_bytes=sender.stats.parity_bytes,
         wire_bytes=wire_bytes,
         polls=sender.stats.polls_sent,
         feedback_datagrams=feedback,

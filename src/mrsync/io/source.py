@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 from collections import OrderedDict
 
+from mrsync.engine.fec import BlockEncoder
+from mrsync.engine.layout import Layout
 from mrsync.plan.manifest import Manifest
 
 
@@ -64,3 +66,34 @@ class FilePages:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+
+
+class ParitySymbols:
+    """Repair symbols of the blocks of a transfer, computed from the source pages on demand.
+    A few encoders are kept, since a block's repair rounds come close together."""
+
+    KEEP = 8
+
+    def __init__(self, layout: Layout, pages: BlobPages | FilePages) -> None:
+        self._layout = layout
+        self._pages = pages
+        self._encoders: OrderedDict[int, BlockEncoder] = OrderedDict()
+
+    def symbol(self, block: int, esi: int) -> bytes:
+        encoder = self._encoders.get(block)
+        if encoder is None:
+            layout = self._layout
+            size = layout.page_size
+            k = layout.block_size(block)
+            first = block * layout.block_pages
+            data = bytearray(k * size)  # short pages stay zero-padded, as receivers pad them
+            for i in range(k):
+                obj, page = layout.locate(first + i)
+                chunk = self._pages.read(obj, page, layout.page_length(obj, page))
+                data[i * size : i * size + len(chunk)] = chunk
+            encoder = self._encoders[block] = BlockEncoder(bytes(data), size, k)
+            if len(self._encoders) > self.KEEP:
+                self._encoders.popitem(last=False)
+        else:
+            self._encoders.move_to_end(block)
+        return encoder.symbol(esi)

@@ -117,19 +117,22 @@ class TargetSession:
             self.kind = "manifest"
             self.manifest_size, self.manifest_digest = msg.size, msg.digest
             self.blob = bytearray(msg.size)
-            layout = Layout([(MANIFEST_OBJECT, msg.size)], page_size)
-            actions = self.machine.start_transfer(msg.transfer, layout, [MANIFEST_OBJECT])
+            layout = Layout([(MANIFEST_OBJECT, msg.size)], page_size, self.hello.block_pages)
+            actions = self.machine.start_transfer(msg.transfer, layout, [MANIFEST_OBJECT],
+                                                  fec=self.hello.fec)
         elif msg.kind == "data":
             if self.manifest is None:
                 raise _Fatal("data transfer before the manifest")
             self.kind = "data"
             entries = self.manifest.entries
             union = ids_from_bitmap(msg.objects, len(entries))
-            layout = Layout([(i, entries[i].size) for i in union], page_size)
+            layout = Layout([(i, entries[i].size) for i in union], page_size,
+                            self.hello.block_pages)
             missing = set(self.needed) - set(union)
             if missing:
                 raise _Fatal(f"master will not send {len(missing)} needed files")
-            actions = self.machine.start_transfer(msg.transfer, layout, self.needed)
+            actions = self.machine.start_transfer(msg.transfer, layout, self.needed,
+                                                  fec=self.hello.fec)
         else:
             raise _Fatal(f"unknown transfer kind {msg.kind!r}")
         self.send(Ready(msg.transfer))
@@ -201,6 +204,9 @@ class TargetSession:
         stats = self.machine.stats
         counters = {f"dropped_{k}": v for k, v in stats.dropped.items()}
         counters.update(
+            parity=stats.parity,
+            blocks_decoded=stats.blocks_decoded,
+            pages_decoded=stats.pages_decoded,
             datagrams=stats.datagrams,
             duplicates=stats.duplicates,
             unwanted=stats.unwanted,

@@ -2,6 +2,7 @@
 
 from mrsync.wire.packets import (
     DATA_OVERHEAD,
+    FLAG_BLOCKS,
     FLAG_COMPLETE,
     FLAG_MORE,
     HEADER_SIZE,
@@ -12,16 +13,19 @@ from mrsync.wire.packets import (
     Feedback,
     Packet,
     PacketType,
+    Parity,
     Poll,
     decode,
     encode_data,
     encode_feedback,
+    encode_parity,
     encode_poll,
     max_feedback_ranges,
 )
 
 __all__ = [
     "DATA_OVERHEAD",
+    "FLAG_BLOCKS",
     "FLAG_COMPLETE",
     "FLAG_MORE",
     "HEADER_SIZE",
@@ -32,10 +36,12 @@ __all__ = [
     "Feedback",
     "Packet",
     "PacketType",
+    "Parity",
     "Poll",
     "decode",
     "encode_data",
     "encode_feedback",
+    "encode_parity",
     "encode_poll",
     "max_feedback_ranges",
 ]
