@@ -310,14 +310,21 @@ class Procs:
                 proc.wait(timeout=10)
 
 
-def wait_all(procs: Sequence[subprocess.Popen[bytes]], deadline: float) -> bool:
-    """Wait until all have exited (True) or the deadline passed (False)."""
-    for proc in procs:
-        try:
-            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            return False
-    return True
+def wait_all(procs: Sequence[subprocess.Popen[bytes]], deadline: float,
+             fatal: dict[subprocess.Popen[bytes], str] | None = None) -> str | None:
+    """Wait until all have exited (None), the deadline passed ("timeout"), or one of `fatal`
+    (process: its name) exited non-zero: what it was, since the transfer cannot complete."""
+    pending = list(procs)
+    while True:
+        pending = [p for p in pending if p.poll() is None]
+        for proc, name in (fatal or {}).items():
+            if proc.returncode:
+                return f"{name} exited {proc.returncode}"
+        if not pending:
+            return None
+        if time.monotonic() > deadline:
+            return "timeout"
+        time.sleep(0.002)
 
 
 def wait_listening(lab: Any, hosts: Sequence[Any], proto: str, port: int | None,
@@ -481,19 +488,26 @@ def run_tool(tool: str, cell: Cell, tag: str) -> Run:
         t0 = time.monotonic()
         senders = starter(cell, procs)
         waited = list(senders)
-        if tool == "udpcast":  # the result is there when every receiver pipeline is done
-            waited += [p for p in procs.procs if p not in senders]
-        finished = wait_all(waited, t0 + timeout)
+        fatal = {}
+        if tool == "udpcast":
+            # The result is there when every receiver pipeline is done. A receiver that gave
+            # up leaves udp-sender waiting for it for good: that run has failed.
+            receivers = [p for p in procs.procs if p not in senders]
+            waited += receivers
+            fatal = {p: f"udp-receiver on t{i}" for i, p in enumerate(receivers)}
+        problem = wait_all(waited, t0 + timeout, fatal)
         elapsed = time.monotonic() - t0
         run.wire = lab.master_tx_bytes() - tx0
         run.drops = sum(lab.loss_drops(t) for t in lab.targets) - drops0
-        if finished:
+        if problem is None:
             run.wall = elapsed
             codes = sorted({p.returncode for p in waited if p.returncode})
             if codes:
                 run.status = f"exit {','.join(map(str, codes))}"
-        else:
+        elif problem == "timeout":
             run.status = f"timeout after {timeout:.1f} s"
+        else:
+            run.status = f"{problem} after {elapsed:.1f} s"
     finally:
         procs.kill()
     if tool == "uftp":

@@ -54,7 +54,7 @@ from mrsync.engine.sender import (
     SendPage,
     SendParity,
 )
-from mrsync.io.net import IP_UDP_HEADERS, Endpoint, interface_mtu, open_sender
+from mrsync.io.net import IP_UDP_HEADERS, Batcher, Endpoint, interface_mtu, open_sender
 from mrsync.io.source import BlobPages, FilePages, ParitySymbols
 from mrsync.plan.manifest import Kind, Manifest, encode_manifest
 from mrsync.plan.options import SyncOptions
@@ -187,6 +187,7 @@ class Job:
         self.targets = [Target(rid=i, spec=spec) for i, spec in enumerate(options.targets)]
         self.selector = selectors.DefaultSelector()
         self.sock: socket.socket | None = None
+        self.batcher: Batcher | None = None
         self.flows: list[Flow] = []
         self.stats: Counter[str] = Counter()
         self._transfer = 0
@@ -202,6 +203,7 @@ class Job:
             self.reporter.warn(w)
         blob = encode_manifest(manifest)
         self.sock = open_sender(self.options.endpoint, ttl=self.options.ttl)
+        self.batcher = Batcher(self.sock)
         self.selector.register(self.sock, selectors.EVENT_READ, None)
         union: list[int] = []
         try:
@@ -385,26 +387,29 @@ class Job:
                 self._fail(t, reason)
 
     def _step(self, flow: Flow, now: float) -> None:
-        assert self.sock is not None
+        assert self.batcher is not None
         sender = flow.sender
+        batch = self.batcher
+        dest = flow.dest
+        wire = 0
         for action in sender.poll(now, budget=64):
             if isinstance(action, SendPage):
                 length = sender.layout.page_length(action.obj, action.page)
                 payload = flow.source.read(action.obj, action.page, length)
                 datagram = encode_data(self.key, self.session, sender.transfer, action.seq,
                                        action.obj, action.page, payload)
-                self.sock.sendto(datagram, flow.dest)
-                self.stats["wire_bytes"] += len(datagram)
+                batch.add(datagram, dest)
+                wire += len(datagram)
                 self.reporter.sent(length, action.repair)
             elif isinstance(action, SendParity):
                 symbol = flow.parity.symbol(action.block, action.esi)
                 datagram = encode_parity(self.key, self.session, sender.transfer, action.seq,
                                          action.block, action.esi, symbol)
-                self.sock.sendto(datagram, flow.dest)
-                self.stats["wire_bytes"] += len(datagram)
+                batch.add(datagram, dest)
+                wire += len(datagram)
             elif isinstance(action, SendDatagram):
-                self.sock.sendto(action.data, flow.dest)
-                self.stats["wire_bytes"] += len(action.data)
+                batch.add(action.data, dest)
+                wire += len(action.data)
             elif isinstance(action, ReceiverSatOut):
                 t = self.targets[action.receiver]
                 t.sat_out = True
@@ -412,6 +417,8 @@ class Job:
                     t.name, f"sitting out ({action.lag:.1f} s behind); caught up afterwards")
             elif isinstance(action, ReceiverLost):
                 self._fail(self.targets[action.receiver], action.reason)
+        batch.flush()
+        self.stats["wire_bytes"] += wire
 
     def _drain_feedback(self) -> None:
         assert self.sock is not None

@@ -198,6 +198,7 @@ class FileStore:
         self._bak_fds: OrderedDict[bytes, int] = OrderedDict()  # rel dir -> fd below backup dir
         self._predeleted: set[int] = set()  # -X: files whose old copy is already unlinked
         self._presized: set[int] = set()  # temps made by ftruncate: unwritten ranges are holes
+        self._pending: tuple[int, int, bytearray] | None = None  # gathered pages, see write()
         self.errors: list[FileError] = []
         self._is_root = os.geteuid() == 0
         self._root_fd: int | None = None
@@ -283,6 +284,11 @@ class FileStore:
             except _ERRORS as exc:
                 self._record(path, f"cannot delete: {_strerror(exc)}")
 
+    # Pages arrive a datagram at a time (1,400 bytes on an Ethernet path); one pwrite each
+    # would cost a system call per datagram. Contiguous pages of one file are gathered and
+    # written together, up to COALESCE bytes; anything that reads or settles a file flushes.
+    COALESCE = 1024 * 1024
+
     def write(self, file_id: int, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Write one page of a FILE at ``offset``. Errors are recorded (see :meth:`is_failed`)
         and later pages of that file are ignored, as are pages of a finished file."""
@@ -293,12 +299,39 @@ class FileStore:
                 f"write of {len(view)} bytes at {offset} is outside {display(entry.path)}"
                 f" ({entry.size} bytes)"
             )
-        if file_id in self._failed or file_id in self._done:
+        if file_id in self._failed or file_id in self._done or not view:
             return
+        pending = self._pending
+        if pending is not None:
+            pid, poff, pbuf = pending
+            if (
+                pid == file_id
+                and poff + len(pbuf) == offset
+                and len(pbuf) < self.COALESCE
+                and not (file_id in self._presized and _is_zero(data, view))
+            ):
+                pbuf += view
+                return
+            self.flush()
+        try:
+            self._temp_fd(file_id)
+        except _ERRORS as exc:
+            self._fail(file_id, f"write failed: {_strerror(exc)}")
+            return
+        if file_id in self._presized and _is_zero(data, view):
+            return  # a hole already reads as zeros: keep sparse files sparse
+        self._pending = (file_id, offset, bytearray(view))
+
+    def flush(self) -> None:
+        """Write out gathered pages."""
+        pending = self._pending
+        if pending is None:
+            return
+        self._pending = None
+        file_id, offset, buf = pending
+        view = memoryview(buf)
         try:
             fd = self._temp_fd(file_id)
-            if not view or (file_id in self._presized and _is_zero(data, view)):
-                return  # a hole already reads as zeros: keep sparse files sparse
             while view:
                 n = os.pwrite(fd, view, offset)
                 if n <= 0:
@@ -317,6 +350,7 @@ class FileStore:
         ``errors`` but does not make this return an error: the content is there.
         Calling it again for a finished or failed file returns the same outcome.
         """
+        self.flush()
         entry = self._file_entry(file_id)
         if file_id in self._failed:
             return self._failed[file_id]
@@ -343,6 +377,8 @@ class FileStore:
     def abort_file(self, file_id: int) -> None:
         """Drop the temp file (if any). Records nothing; a later write starts afresh."""
         self._file_entry(file_id)
+        if self._pending is not None and self._pending[0] == file_id:
+            self._pending = None
         self._discard_temp(file_id)
 
     def is_failed(self, file_id: int) -> bool:
@@ -358,6 +394,7 @@ class FileStore:
         check (missing, wrong type, size or mtime) is reported as "not received".
         Returns every error of the session (a copy of ``errors``).
         """
+        self.flush()
         self._root()
         links: list[int] = []
         for file_id, entry in enumerate(self.entries):
@@ -421,6 +458,7 @@ class FileStore:
 
     def close(self) -> None:
         """Close every fd and remove leftover temp files (unfinished or aborted files)."""
+        self._pending = None
         for file_id in list(self._temps):
             self._discard_temp(file_id)
         for fd in [*self._dir_fds.values(), *self._bak_fds.values()]:

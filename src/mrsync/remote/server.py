@@ -12,7 +12,6 @@ import os
 import selectors
 import socket
 import sys
-import time
 import traceback
 
 import blake3
@@ -45,6 +44,7 @@ from mrsync.engine.receiver import (
     TransferComplete,
     WritePage,
 )
+from mrsync.io.batchrecv import BatchReceiver
 from mrsync.io.net import Endpoint, address_of, member_endpoint, open_member, open_unicast
 from mrsync.io.store import FileStore, StoreError
 from mrsync.plan.compare import compare, validate_manifest
@@ -225,15 +225,10 @@ class TargetSession:
         )
         self.finished = True
 
-    def drain_socket(self, sock: socket.socket, buf: bytearray) -> None:
-        view = memoryview(buf)
-        machine = self.machine
-        while True:
-            try:
-                n = sock.recv_into(buf, 0, socket.MSG_DONTWAIT)
-            except (BlockingIOError, InterruptedError):
-                return
-            actions = machine.receive_datagram(view[:n], time.monotonic())
+    def drain(self, batch: BatchReceiver) -> None:
+        receive = self.machine.receive_datagram
+        for datagram in batch.drain():
+            actions = receive(datagram, 0.0)
             if actions:
                 self.perform(actions)
 
@@ -296,13 +291,15 @@ def _read_hello(fd: int, reader: FrameReader) -> Hello:
 def _loop(session: TargetSession, control_in: int, reader: FrameReader) -> int:
     selector = selectors.DefaultSelector()
     selector.register(control_in, selectors.EVENT_READ, "control")
-    selector.register(session.sock, selectors.EVENT_READ, session.sock)
-    selector.register(session.unicast, selectors.EVENT_READ, session.unicast)
-    buf = bytearray(65536)
+    # The receiver machine takes no clock: it acts on what arrives, never on time.
+    slot = min(65536, session.hello.max_datagram + 64)
+    selector.register(session.sock, selectors.EVENT_READ, BatchReceiver(session.sock, slot=slot))
+    selector.register(session.unicast, selectors.EVENT_READ,
+                      BatchReceiver(session.unicast, slot=slot, slots=8))
     while True:
         for key, _ in selector.select(timeout=5.0):
             if key.data != "control":
-                session.drain_socket(key.data, buf)
+                session.drain(key.data)
                 continue
             data = os.read(control_in, 65536)
             if not data:
