@@ -363,6 +363,7 @@ class Cell:
     slack: float  # seconds added to every timeout
     uftp_kbit: int
     mrsync_args: list[str]
+    udp_sender_args: list[str]
 
     @property
     def n(self) -> int:
@@ -457,7 +458,7 @@ def start_udp_receivers(cell: Cell, procs: Procs) -> str | None:
 
 def run_udp_sender(cell: Cell, procs: Procs) -> list[subprocess.Popen[bytes]]:
     sender = ["udp-sender", "--nokbd", "--interface", "eth0", "--min-receivers", str(cell.n),
-              "--start-timeout", "30", "--rexmit-hello-interval", "100"]
+              "--start-timeout", "30", "--rexmit-hello-interval", "100", *cell.udp_sender_args]
     if cell.data.kind == "file":
         argv = [*sender, "--file", str(cell.data.send)]
     else:
@@ -656,6 +657,8 @@ def main() -> int:
     ap.add_argument("--workdir", default="/tmp/mrsync-lab-bench",
                     help="data cache, targets and logs (/tmp/mrsync-lab-bench)")
     ap.add_argument("--mrsync-args", default="", help='extra mrsync options, e.g. "--rate 190M"')
+    ap.add_argument("--udp-sender-args", default="",
+                    help='extra udp-sender options, e.g. "--min-wait 1"')
     ap.add_argument("--uftp-unshaped-kbit", type=int, default=1000000,
                     help="uftp -R when unshaped, kbit/s (1000000; -1: no rate control)")
     ap.add_argument("--timeout-factor", type=float, default=20,
@@ -684,7 +687,7 @@ def main() -> int:
     ensure_private_netns()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
-    from netlab import Lab, cleanup_stale, missing_requirements
+    from netlab import Lab, missing_requirements
 
     reason = missing_requirements()
     missing = [t for t in ("rsync", "uftp", "uftpd", "udp-sender", "udp-receiver", "ss", "tar")
@@ -692,7 +695,6 @@ def main() -> int:
     if reason or missing:
         sys.exit(f"lab_bench: {reason or ''} {'missing: ' + ', '.join(missing) if missing else ''}"
                  " (scripts/bench-deps.sh installs them)")
-    cleanup_stale()
 
     workdir = Path(args.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -732,7 +734,8 @@ def main() -> int:
                         cell = Cell(lab, rate, loss, data, dests, logdir,
                                     args.timeout_factor * limit, args.timeout_slack,
                                     round(rate * 1000 * 0.95) if rate else args.uftp_unshaped_kbit,
-                                    shlex.split(args.mrsync_args))
+                                    shlex.split(args.mrsync_args),
+                                    shlex.split(args.udp_sender_args))
                         cell_results = {t: CellResult(rate, n, loss, data, t, []) for t in tools}
                         results.extend(cell_results.values())
                         link = f"{rate:g}M" if rate else "unshaped"

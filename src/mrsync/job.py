@@ -44,6 +44,7 @@ from mrsync.control import (
     frame,
     ids_from_bitmap,
 )
+from mrsync.engine.fec import block_pages_for_targets
 from mrsync.engine.fec import supported as fec_supported
 from mrsync.engine.layout import Layout, block_pages_for
 from mrsync.engine.sender import (
@@ -182,7 +183,8 @@ class Job:
         self.page_size = options.page_size or choose_page_size(options.endpoint)
         self.max_datagram = self.page_size + DATA_OVERHEAD
         self.window = max(16, min(1024, WINDOW_BYTES // (self.max_datagram + 512)))
-        self.block_pages = block_pages_for(self.page_size)
+        self.block_pages = block_pages_for(self.page_size,
+                                           block_pages_for_targets(len(options.targets)))
         self.fec = options.parity and fec_supported(self.page_size)
         self.targets = [Target(rid=i, spec=spec) for i, spec in enumerate(options.targets)]
         self.selector = selectors.DefaultSelector()

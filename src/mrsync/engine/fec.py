@@ -1,75 +1,98 @@
-"""Parity repair with RaptorQ (RFC 6330), through the ``raptorq`` package (Rust).
+"""Parity repair with a systematic Reed-Solomon code, through ``zfec`` (C, from Tahoe-LAFS).
 
-A block is up to ``Layout.block_pages`` consecutive global pages: its source symbols are the
-pages themselves (each padded with zeros to the page size), sent as ordinary DATA. Its repair
-symbols (encoding symbol ids >= the block's page count) go out as PARITY datagrams. A receiver
-that holds any K symbols of a K-page block, source or repair, in any mix, can rebuild the
-pages it lacks. So a single repair symbol fixes a *different* lost page on every receiver, and
-the master sends per block only as many repair symbols as the worst receiver lacks: repair
-cost follows the worst target, not the sum of every target's losses.
+A block is ``k`` consecutive global pages (``Layout.block_pages``): its source symbols are the
+pages themselves (each padded with zeros to the page size), sent as ordinary DATA; its repair
+symbols, numbered k .. 255, go out as PARITY datagrams. A receiver that holds any k distinct
+symbols of a block, source or repair in any mix, rebuilds the pages it lacks, exactly (a
+maximum-distance-separable code: k symbols always suffice). So a single repair symbol fixes a
+*different* lost page on every receiver, and the master sends per block only as many repair
+symbols as the worst receiver lacks: repair cost follows the worst target, not the sum.
 
-Pure computation, no I/O: the sender's caller feeds block bytes in, a receiver feeds symbols.
+Why Reed-Solomon rather than a fountain code (RaptorQ): decoding costs a receiver about
+(pages lost x k x page size), so small blocks make decoding nearly free: 0.5 ms per MiB at
+k = 32 here, against 2.5 ms per MiB for RaptorQ, whose decoding touches the whole block. That
+matters when every target must keep up with the link; and the block size is chosen per session
+from the number of targets (``block_pages_for_targets``): the more targets, the larger the block,
+so that the worst target's share of a block stays close to the average loss. A block has at
+most 256 symbols in all, so at most 256 - k repair symbols; past that, its receivers fall back
+to page-by-page repair.
+
+Pure computation, no I/O: the sender's caller feeds block pages in, a receiver feeds symbols.
 """
 
 from __future__ import annotations
 
-import struct
+from collections.abc import Sequence
+from functools import lru_cache
 
-import raptorq
+import zfec
 
-_PAYLOAD_ID = struct.Struct("!I")  # RFC 6330 FEC Payload ID: SBN (8 bits) | ESI (24 bits)
-MAX_ESI = (1 << 24) - 1
-MAX_SYMBOL = 65528  # RFC 6330's symbol size is a u16, and the library wants multiples of 8
+MAX_SYMBOLS = 256  # zfec works in GF(2^8): k + repair symbols <= 256
 
 
 def supported(page_size: int) -> bool:
-    """Whether pages of this size can be RaptorQ symbols (else repair is page by page)."""
-    return 0 < page_size <= MAX_SYMBOL and page_size % 8 == 0
+    """Whether pages of this size can be symbols (always, for sizes a datagram can carry)."""
+    return page_size > 0
 
 
-def _packet(esi: int, symbol: bytes | memoryview) -> bytes:
-    return _PAYLOAD_ID.pack(esi) + bytes(symbol)  # source block number 0: one block per object
+def block_pages_for_targets(targets: int) -> int:
+    """Pages per parity block for a session with this many targets.
+
+    With loss p, a block of k pages costs, in repair, what the worst of N receivers lost of
+    it; the expected worst-of-N share shrinks as k grows (the law of large numbers), while a
+    receiver's decoding work grows with k. These steps keep the worst-of-N share within about
+    1.5x the loss rate at 1 % loss, and decoding cheap where few targets share a block.
+    """
+    if targets <= 16:
+        return 32
+    if targets <= 64:
+        return 64
+    if targets <= 256:
+        return 128
+    return 192
+
+
+@lru_cache(maxsize=8)
+def _encoder(k: int) -> zfec.Encoder:
+    return zfec.Encoder(k, MAX_SYMBOLS)
+
+
+@lru_cache(maxsize=8)
+def _decoder(k: int) -> zfec.Decoder:
+    return zfec.Decoder(k, MAX_SYMBOLS)
+
+
+def max_repair(k: int) -> int:
+    return MAX_SYMBOLS - k
 
 
 class BlockEncoder:
-    """Repair symbols of one block. Encoding costs a few milliseconds per MiB, so callers keep
-    the encoder of a block while its repair rounds last."""
+    """Repair symbols of one block of ``pages`` source symbols."""
 
-    def __init__(self, block_data: bytes, symbol_size: int, pages: int) -> None:
-        if not supported(symbol_size):
-            raise ValueError(f"symbol size {symbol_size} is not usable for RaptorQ")
-        if len(block_data) != pages * symbol_size:
-            raise ValueError("block data must be pages * symbol_size bytes (pad short pages)")
-        self._encoder = raptorq.Encoder.with_defaults(block_data, symbol_size)
-        self._pages = pages
-        self._symbols: list[bytes] = []  # repair symbols generated so far, esi = pages + i
+    def __init__(self, pages: Sequence[bytes]) -> None:
+        if not 0 < len(pages) < MAX_SYMBOLS:
+            raise ValueError(f"a block has 1..{MAX_SYMBOLS - 1} pages, not {len(pages)}")
+        self._pages = tuple(pages)
+        self._k = len(pages)
+        self._cache: dict[int, bytes] = {}
 
     def symbol(self, esi: int) -> bytes:
-        if not self._pages <= esi <= MAX_ESI:
-            raise ValueError(f"repair symbol id {esi} out of range")
-        index = esi - self._pages
-        if index >= len(self._symbols):
-            # The library regenerates from the start: ask for room to spare.
-            count = max(index + 1, 2 * len(self._symbols), 16)
-            packets = self._encoder.get_encoded_packets(count)
-            self._symbols = [p[4:] for p in packets[self._pages :]]
-        return self._symbols[index]
+        if not self._k <= esi < MAX_SYMBOLS:
+            raise ValueError(f"repair symbol id {esi} out of range for k={self._k}")
+        found = self._cache.get(esi)
+        if found is None:
+            # Ask for a few at once: repair rounds usually want several symbols of a block.
+            wanted = tuple(range(esi, min(MAX_SYMBOLS, esi + 8)))
+            for i, sym in zip(wanted, _encoder(self._k).encode(self._pages, wanted),
+                              strict=True):
+                self._cache[i] = bytes(sym)
+            found = self._cache[esi]
+        return found
 
 
-class BlockDecoder:
-    """Collects symbols of one block until the pages it lacks can be rebuilt."""
-
-    def __init__(self, pages: int, symbol_size: int) -> None:
-        self.pages = pages
-        self.symbol_size = symbol_size
-        self._decoder = raptorq.Decoder.with_defaults(pages * symbol_size, symbol_size)
-        self.result: bytes | None = None
-
-    def add(self, esi: int, symbol: bytes | memoryview) -> bytes | None:
-        """Feed one symbol (source page padded to the symbol size, or repair symbol); returns
-        the whole block's bytes once it can be decoded."""
-        if self.result is None:
-            out = self._decoder.decode(_packet(esi, symbol))
-            if out is not None:
-                self.result = bytes(out)
-        return self.result
+def decode_block(k: int, symbols: dict[int, bytes]) -> list[bytes]:
+    """The k source pages of a block from any k distinct symbols (esi -> symbol)."""
+    if len(symbols) < k:
+        raise ValueError(f"{len(symbols)} symbols cannot decode a block of {k}")
+    chosen = sorted(symbols)[:k]
+    return list(_decoder(k).decode([symbols[i] for i in chosen], chosen))

@@ -12,15 +12,14 @@ from __future__ import annotations
 import bisect
 from collections.abc import Iterable
 
-BLOCK_PAGES = 1024  # the most pages in a block; fewer when pages are large (see block_pages_for)
-BLOCK_BYTES = 2 * 1024 * 1024  # a receiver may hold a block in memory while it waits for parity
+BLOCK_PAGES = 32  # default pages per parity block (the session picks its own, see fec.py)
+BLOCK_BYTES = 4 * 1024 * 1024  # a receiver may hold a block in memory while it waits for parity
 
 
-def block_pages_for(page_size: int) -> int:
-    """Pages per parity block: large blocks make parity cheap (one repair symbol serves every
-    receiver's different loss, and the worst receiver's share of a big block is close to the
-    average), bounded so that a block fits in a receiver's memory."""
-    return max(1, min(BLOCK_PAGES, BLOCK_BYTES // page_size))
+def block_pages_for(page_size: int, wanted: int = BLOCK_PAGES) -> int:
+    """``wanted`` pages per parity block, fewer when pages are so large that a block would not
+    fit comfortably in a receiver's memory."""
+    return max(1, min(wanted, BLOCK_BYTES // page_size))
 
 
 class Layout:

@@ -15,7 +15,9 @@ K-page block). As soon as the sender has moved on to a later block, it reports p
 many more symbols it needs (FEEDBACK with FLAG_BLOCKS), so parity for a block follows within a
 round trip and the block's memory is released early. When K symbols are held, the block is
 decoded and the missing pages are written. Should held blocks exceed ``max_buffered`` bytes,
-further blocks fall back to plain page NACKs, so memory stays bounded whatever the loss.
+further blocks fall back to plain page NACKs, so memory stays bounded whatever the loss; so
+does a block that parity has not fixed after ``MAX_BLOCK_REPORTS`` reports (its repair
+symbols are spent, or keep getting lost).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from mrsync.engine.fec import BlockDecoder
+from mrsync.engine.fec import decode_block, max_repair
 from mrsync.engine.layout import Layout
 from mrsync.wire import (
     FLAG_BLOCKS,
@@ -83,6 +85,8 @@ class ReceiverStats:
 
 
 class Receiver:
+    MAX_BLOCK_REPORTS = 6
+
     def __init__(
         self,
         *,
@@ -117,6 +121,7 @@ class Receiver:
         self._held: dict[int, dict[int, bytes]] = {}  # block -> esi -> symbol
         self._buffered = 0  # bytes held in _held
         self._page_mode: set[int] = set()  # blocks repaired by page NACKs only
+        self._reports: dict[int, int] = {}  # block -> times its need was reported
         self._current_block = -1  # highest block seen: blocks before it are fully sent
 
     def start_transfer(
@@ -133,6 +138,7 @@ class Receiver:
         self._held = {}
         self._buffered = 0
         self._page_mode = set()
+        self._reports = {}
         self._current_block = -1
         missing = bytearray(layout.total_pages)
         self._missing_in = {}
@@ -289,22 +295,13 @@ class Receiver:
         layout = self.layout
         assert layout is not None
         k = layout.block_size(block)
-        decoder = BlockDecoder(k, layout.page_size)
-        result = None
-        for esi, symbol in held.items():
-            result = decoder.add(esi, symbol)
-            if result is not None:
-                break
-        if result is None:
-            return  # K symbols do not always suffice (rarely): the next report asks for one more
+        pages = decode_block(k, held)
         self.stats.blocks_decoded += 1
         first = block * layout.block_pages
-        size = layout.page_size
         for g in range(first, first + k):
             if self._missing_pages[g]:
                 obj, page = layout.locate(g)
-                start = (g - first) * size
-                data = result[start : start + layout.page_length(obj, page)]
+                data = pages[g - first][: layout.page_length(obj, page)]
                 self.stats.pages_decoded += 1
                 self._got_page(obj, page, g, data, actions)
                 if self.missing == 0:
@@ -320,14 +317,24 @@ class Receiver:
             actions.append(SendFeedback(self._feedback(0, needs[: self._max_ranges], FLAG_BLOCKS)))
 
     def _block_needs(self, before: int | None = None) -> list[tuple[int, int]]:
+        """(block, symbols still needed) for the blocks parity is to repair. A block reported
+        too often, or needing more than its code can give, goes back to page repair."""
         assert self.layout is not None
         needs = []
         for block, held in sorted(self._held.items()):
             if before is not None and block >= before:
                 break
-            if self._block_missing.get(block):
-                needs.append((block, self.layout.block_size(block) - len(held)))
-        return [(b, n if n > 0 else 1) for b, n in needs]  # n <= 0: decoding failed, ask for 1
+            if not self._block_missing.get(block):
+                continue
+            k = self.layout.block_size(block)
+            reports = self._reports.get(block, 0) + 1
+            if reports > self.MAX_BLOCK_REPORTS or k - len(held) > max_repair(k):
+                self._release(block)
+                self._page_mode.add(block)
+                continue
+            self._reports[block] = reports
+            needs.append((block, k - len(held)))
+        return needs
 
     # -- polls ------------------------------------------------------------------------------
 

@@ -19,11 +19,11 @@ What it does:
   COMPLETE (on the data plane, or through the control stream via ``receiver_done``).
 * **Parity.** Receivers that lose pages of a block report, per block, how many more symbols
   they need (FLAG_BLOCKS) as soon as the sender has moved past the block, and at polls. The
-  sender sends, per block, the largest count any receiver asked for (plus one, because K
-  RaptorQ symbols decode only about 99 % of the time), as fresh repair symbols (``SendParity``)
-  that serve every receiver at once. ``fec_ratio`` adds proactive parity to every block as
-  its last page goes out, for links known to be lossy. Parity goes before page repairs, which
-  go before the first pass, so that receivers can release a block's memory early.
+  sender sends, per block, the largest count any receiver asked for, as fresh repair symbols
+  (``SendParity``) that serve every receiver at once (a block has at most 256 - k of them;
+  past that its receivers fall back to page repair). ``fec_ratio`` adds proactive parity to
+  every block as its last page goes out, for links known to be lossy. Parity goes before page
+  repairs, which go before the first pass, so that receivers release a block's memory early.
 * **Sitting out.** The window paces the sender to its slowest receiver, which is right for a
   receiver that is a little slower and wrong for one that stalls (a frozen process, a dying
   disk). Every seq's send time is kept; a receiver whose last processed datagram was sent more
@@ -47,6 +47,7 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from mrsync.engine.fec import MAX_SYMBOLS
 from mrsync.engine.layout import Layout
 from mrsync.wire import FLAG_BLOCKS, FLAG_COMPLETE, DecodeError, Feedback, decode, encode_poll
 
@@ -360,6 +361,10 @@ class Sender:
         return SendParity(block, esi, self._seq)
 
     def _add_parity(self, block: int, count: int) -> None:
+        # A block has MAX_SYMBOLS symbols in all; when its repair symbols are spent, its
+        # receivers fall back to asking page by page.
+        spare = MAX_SYMBOLS - self._next_esi.get(block, self.layout.block_size(block))
+        count = min(count, spare)
         if count <= 0:
             return
         due = self._parity_due.get(block)
@@ -375,7 +380,7 @@ class Sender:
             # Repair symbols for this block still on their way to that receiver: its count
             # does not include them yet, wait for its next report.
             if block < total and self._parity_seq.get(block, 0) <= seq_seen:
-                self._add_parity(block, need + 1)
+                self._add_parity(block, need)
 
     def _window_full(self) -> bool:
         if self._seq - self._min_seen < self._window:

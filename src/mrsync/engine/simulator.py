@@ -16,7 +16,7 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from mrsync.engine.fec import BlockEncoder, supported
+from mrsync.engine.fec import BlockEncoder, block_pages_for_targets, supported
 from mrsync.engine.layout import Layout
 from mrsync.engine.receiver import (
     ObjectComplete,
@@ -89,8 +89,10 @@ def simulate(
     rng = random.Random(seed)
     key = rng.randbytes(32)
     session = rng.getrandbits(64)
-    layout = Layout(objects, page_size, block_pages)
     fec = fec and supported(page_size)
+    if block_pages is None:
+        block_pages = block_pages_for_targets(receivers)
+    layout = Layout(objects, page_size, block_pages)
     transfer = 1
     t0 = 0.0
     sender = Sender(
@@ -132,7 +134,7 @@ def simulate(
             for g in range(first, first + k):
                 page = content(*layout.locate(g))
                 parts.append(page + bytes(page_size - len(page)))
-            encoder = encoders[block] = BlockEncoder(b"".join(parts), page_size, k)
+            encoder = encoders[block] = BlockEncoder(parts)
         return encoder.symbol(esi)
 
     def deliver(machine_id: int, datagram: bytes, at: float) -> None:

@@ -86,12 +86,13 @@ class ParitySymbols:
             size = layout.page_size
             k = layout.block_size(block)
             first = block * layout.block_pages
-            data = bytearray(k * size)  # short pages stay zero-padded, as receivers pad them
+            pages = []
             for i in range(k):
                 obj, page = layout.locate(first + i)
-                chunk = self._pages.read(obj, page, layout.page_length(obj, page))
-                data[i * size : i * size + len(chunk)] = chunk
-            encoder = self._encoders[block] = BlockEncoder(bytes(data), size, k)
+                chunk = bytes(self._pages.read(obj, page, layout.page_length(obj, page)))
+                # Short pages are zero-padded, as receivers pad them.
+                pages.append(chunk + bytes(size - len(chunk)) if len(chunk) < size else chunk)
+            encoder = self._encoders[block] = BlockEncoder(pages)
             if len(self._encoders) > self.KEEP:
                 self._encoders.popitem(last=False)
         else:

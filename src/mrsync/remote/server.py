@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import selectors
 import socket
 import sys
@@ -213,6 +214,7 @@ class TargetSession:
             polls=stats.polls,
             feedback_sent=stats.feedback_sent,
             rcvbuf=self.rcvbuf,
+            cpu_ms=_cpu_ms(),
         )
         self.send(
             Result(
@@ -237,6 +239,11 @@ class TargetSession:
             self.store.close()
         self.sock.close()
         self.unicast.close()
+
+
+def _cpu_ms() -> int:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return int((usage.ru_utime + usage.ru_stime) * 1000)
 
 
 def run_server() -> int:
