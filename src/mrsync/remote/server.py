@@ -214,7 +214,7 @@ class TargetSession:
             polls=stats.polls,
             feedback_sent=stats.feedback_sent,
             rcvbuf=self.rcvbuf,
-            cpu_ms=_cpu_ms(),
+            **_cpu_ms(),
         )
         self.send(
             Result(
@@ -241,9 +241,9 @@ class TargetSession:
         self.unicast.close()
 
 
-def _cpu_ms() -> int:
+def _cpu_ms() -> dict[str, int]:
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    return int((usage.ru_utime + usage.ru_stime) * 1000)
+    return {"cpu_user_ms": int(usage.ru_utime * 1000), "cpu_sys_ms": int(usage.ru_stime * 1000)}
 
 
 def run_server() -> int:
