@@ -289,6 +289,8 @@ class Job:
         """Multicast one transfer to every live target, then catch up, by unicast, the
         targets that sat out."""
         transfer = start.transfer
+        self.reporter.log(2, f"transfer {transfer} ({what}): {layout.total_pages} pages of "
+                             f"{layout.page_size} bytes, blocks of {layout.block_pages}")
         for t in self.targets:
             if t.alive:
                 self._send(t, start)
@@ -309,6 +311,7 @@ class Job:
                 sender.receiver_done(t.rid)
         source = open_source()
         self._run_flows([Flow(sender, source, group, ParitySymbols(layout, source))], what)
+        self.reporter.log(2, f"transfer {transfer} ({what}) done")
         # Catch-up: each target that sat out gets what it still lacks, by unicast, with its
         # own sender, all at once. The numbering of seqs continues where the group's ended.
         behind = [t for t in self.targets

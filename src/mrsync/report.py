@@ -51,6 +51,7 @@ class Reporter:
         self._sent = 0
         self._resent = 0
         self._last_tick = 0.0
+        self._start = time.monotonic()
 
     # -- events from the job ----------------------------------------------------------------
 
@@ -59,7 +60,9 @@ class Reporter:
 
     def log(self, level: int, message: str) -> None:
         if self.verbose >= level:
-            self._print(message)
+            # At -v 2 every line carries the seconds since start: where the time went.
+            stamp = f"[{time.monotonic() - self._start:7.3f}] " if self.verbose >= 2 else ""
+            self._print(stamp + message)
 
     def begin_data(self, total_bytes: int, targets: list[str]) -> None:
         self._targets_total = len(targets)

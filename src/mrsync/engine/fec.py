@@ -39,17 +39,11 @@ def block_pages_for_targets(targets: int) -> int:
     """Pages per parity block for a session with this many targets.
 
     With loss p, a block of k pages costs, in repair, what the worst of N receivers lost of
-    it; the expected worst-of-N share shrinks as k grows (the law of large numbers), while a
-    receiver's decoding work grows with k. These steps keep the worst-of-N share within about
-    1.5x the loss rate at 1 % loss, and decoding cheap where few targets share a block.
+    it; the expected worst-of-N share shrinks towards p as k grows (the law of large numbers),
+    while a receiver's decoding work grows with k (zfec: about 1 ms per MiB at k = 128). At
+    1 % loss the simulator gives repair shares of about 4 % for N = 1,000 at k = 192.
     """
-    if targets <= 16:
-        return 32
-    if targets <= 64:
-        return 64
-    if targets <= 256:
-        return 128
-    return 192
+    return 128 if targets <= 256 else 192
 
 
 @lru_cache(maxsize=8)

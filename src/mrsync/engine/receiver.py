@@ -85,7 +85,7 @@ class ReceiverStats:
 
 
 class Receiver:
-    MAX_BLOCK_REPORTS = 6
+    MAX_BLOCK_REPORTS = 4  # polls that found a block still unrepaired before page repair
 
     def __init__(
         self,
@@ -212,6 +212,12 @@ class Receiver:
             self.stats.duplicates += 1
         else:
             self.stats.unwanted += 1
+        held = self._held.get(block)
+        if held is not None and len(held) >= layout.block_size(block):
+            # Parity came before this page, which completes the set: decode the rest.
+            self._decode(block, held, actions)
+            if self.missing == 0:
+                return actions
         if self.missing and self.seq_seen - self._reported_seq >= self._report_every:
             # Unsolicited progress: opens the sender's window before it has to ask.
             actions.append(SendFeedback(self._feedback(0, (), 0)))
@@ -310,29 +316,37 @@ class Receiver:
 
     def _new_block(self, block: int, actions: list[ReceiverAction]) -> None:
         """The sender has moved on to ``block``: every block before it has been sent in full,
-        so say now what those blocks still need."""
+        so say now, once, what those blocks still need. (Polls repeat what is still needed.)"""
         self._current_block = block
         needs = self._block_needs(before=block)
         if needs:
             actions.append(SendFeedback(self._feedback(0, needs[: self._max_ranges], FLAG_BLOCKS)))
 
     def _block_needs(self, before: int | None = None) -> list[tuple[int, int]]:
-        """(block, symbols still needed) for the blocks parity is to repair. A block reported
-        too often, or needing more than its code can give, goes back to page repair."""
+        """(block, symbols still needed) for the blocks parity is to repair: with ``before``,
+        the blocks before it not reported yet; else (a poll) every such block. A block a poll
+        has found unrepaired too often, or needing more than its code can give, goes back to
+        page repair."""
         assert self.layout is not None
         needs = []
         for block, held in sorted(self._held.items()):
             if before is not None and block >= before:
                 break
-            if not self._block_missing.get(block):
-                continue
             k = self.layout.block_size(block)
-            reports = self._reports.get(block, 0) + 1
-            if reports > self.MAX_BLOCK_REPORTS or k - len(held) > max_repair(k):
-                self._release(block)
-                self._page_mode.add(block)
+            if not self._block_missing.get(block) or len(held) >= k:
                 continue
-            self._reports[block] = reports
+            reports = self._reports.get(block)
+            if before is not None:
+                if reports is not None:
+                    continue  # already said; the next poll repeats it if need be
+                self._reports[block] = 0
+            else:
+                reports = (reports or 0) + 1
+                if reports > self.MAX_BLOCK_REPORTS or k - len(held) > max_repair(k):
+                    self._release(block)
+                    self._page_mode.add(block)
+                    continue
+                self._reports[block] = reports
             needs.append((block, k - len(held)))
         return needs
 
