@@ -37,6 +37,7 @@ from mrsync.wire import (
     Parity,
     Poll,
     decode,
+    decode_data,
     encode_feedback,
 )
 
@@ -123,6 +124,9 @@ class Receiver:
         self._page_mode: set[int] = set()  # blocks repaired by page NACKs only
         self._reports: dict[int, int] = {}  # block -> times its need was reported
         self._current_block = -1  # highest block seen: blocks before it are fully sent
+        self._objects: dict[int, tuple[int, int, int]] = {}  # obj -> first, pages, last length
+        self._page = 0
+        self._block_pages = 1
 
     def start_transfer(
         self, transfer: int, layout: Layout, wanted: Iterable[int], *, fec: bool = False
@@ -159,19 +163,30 @@ class Receiver:
                 g = upto
         self._missing_pages = missing
         self.missing = sum(self._missing_in.values())
+        self._page = layout.page_size
+        self._block_pages = bp
+        self._objects = {}
+        for o in layout.objects:
+            n = layout.pages_of(o)
+            if n:
+                self._objects[o] = (layout.first_page[o], n, layout.page_length(o, n - 1))
         if self.missing == 0:
             return [self._complete()]
         return []
 
     def receive_datagram(self, data: bytes | memoryview, now: float) -> list[ReceiverAction]:
         self.stats.datagrams += 1
+        view = data if isinstance(data, memoryview) and data.itemsize == 1 else memoryview(data)
+        fields = decode_data(view, self._key, self._session)
+        if fields is not None:  # the common case, without building a packet object
+            return self._on_data(*fields)
         try:
-            pkt = decode(data, self._key, self._session)
+            pkt = decode(view, self._key, self._session)
         except DecodeError as exc:
             self.stats.dropped[exc.reason.value] += 1
             return []
-        if isinstance(pkt, Data):
-            return self._on_data(pkt)
+        if isinstance(pkt, Data):  # (decode_data takes every valid DATA: not reached)
+            return self._on_data(*pkt)
         if isinstance(pkt, Parity):
             return self._on_parity(pkt)
         if isinstance(pkt, Poll):
@@ -181,34 +196,37 @@ class Receiver:
 
     # -- data -------------------------------------------------------------------------------
 
-    def _on_data(self, pkt: Data) -> list[ReceiverAction]:
-        layout = self.layout
-        if pkt.transfer != self.transfer or layout is None:
-            self.stats.dropped["stale"] += 1
+    def _on_data(
+        self, transfer: int, seq: int, obj: int, page: int, payload: memoryview | bytes
+    ) -> list[ReceiverAction]:
+        # This runs for every datagram: checks are inlined against per-object facts computed
+        # once in start_transfer (first global page, page count, length of the last page).
+        info = self._objects.get(obj) if transfer == self.transfer else None
+        if info is None:
+            self.stats.dropped["stale" if transfer != self.transfer else "bad-page"] += 1
             return []
-        first = layout.first_page.get(pkt.obj)
-        if first is None or pkt.page >= layout.pages_of(pkt.obj):
+        first, npages, last_len = info
+        if page >= npages or len(payload) != (last_len if page == npages - 1 else self._page):
             self.stats.dropped["bad-page"] += 1
             return []
-        if len(pkt.payload) != layout.page_length(pkt.obj, pkt.page):
-            self.stats.dropped["bad-length"] += 1
-            return []
+        layout = self.layout
+        assert layout is not None
         self.received += 1
-        if pkt.seq > self.seq_seen:
-            self.seq_seen = pkt.seq
+        if seq > self.seq_seen:
+            self.seq_seen = seq
         actions: list[ReceiverAction] = []
-        g = first + pkt.page
-        block = g // layout.block_pages
+        g = first + page
+        block = g // self._block_pages
         if self._fec:
             if block > self._current_block:
                 self._new_block(block, actions)
             if self._block_missing.get(block) and block not in self._page_mode:
-                self._hold(block, g - block * layout.block_pages, pkt.payload)
+                self._hold(block, g - block * self._block_pages, payload)
         if self._missing_pages[g]:
-            self._got_page(pkt.obj, pkt.page, g, pkt.payload, actions)
+            self._got_page(obj, page, g, payload, actions)
             if self.missing == 0:
                 return actions
-        elif pkt.obj in self._missing_in:
+        elif obj in self._missing_in:
             self.stats.duplicates += 1
         else:
             self.stats.unwanted += 1

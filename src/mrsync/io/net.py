@@ -15,7 +15,10 @@ from typing import NamedTuple
 DEFAULT_GROUP_V4 = "239.255.67.92"  # the original's default: administratively scoped
 DEFAULT_GROUP_V6 = "ff15::6d72:7379:6e63"  # transient, site-local scope: "mrsync"
 DEFAULT_PORT = 8888
-BUFFER_BYTES = 32 * 1024 * 1024  # socket buffers: deep enough to absorb a scheduling hiccup
+BUFFER_BYTES = 32 * 1024 * 1024  # receive buffers: deep enough to absorb a scheduling hiccup
+# A small send buffer: when the local link (or its shaper) is the bottleneck, a full queue
+# blocks the sender instead of growing without bound and dropping (TCP small queues, for UDP).
+SEND_BUFFER_BYTES = 512 * 1024
 IP_UDP_HEADERS: dict[int, int] = {socket.AF_INET: 28, socket.AF_INET6: 48}
 
 # Linux constants the socket module does not export everywhere.
@@ -151,7 +154,7 @@ def open_sender(endpoint: Endpoint, *, ttl: int) -> socket.socket:
             sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, ttl)
             # Targets on this very host must hear the group too.
             sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 1)
-        set_buffer(sock, BUFFER_BYTES, receive=False)
+        set_buffer(sock, SEND_BUFFER_BYTES, receive=False)
         set_buffer(sock, BUFFER_BYTES // 4, receive=True)
     except BaseException:
         sock.close()

@@ -198,7 +198,8 @@ class FileStore:
         self._bak_fds: OrderedDict[bytes, int] = OrderedDict()  # rel dir -> fd below backup dir
         self._predeleted: set[int] = set()  # -X: files whose old copy is already unlinked
         self._presized: set[int] = set()  # temps made by ftruncate: unwritten ranges are holes
-        self._pending: tuple[int, int, bytearray] | None = None  # gathered pages, see write()
+        # Gathered pages, see write(): (file id, offset, bytes, the file's size).
+        self._pending: tuple[int, int, bytearray, int] | None = None
         self.errors: list[FileError] = []
         self._is_root = os.geteuid() == 0
         self._root_fd: int | None = None
@@ -292,6 +293,22 @@ class FileStore:
     def write(self, file_id: int, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Write one page of a FILE at ``offset``. Errors are recorded (see :meth:`is_failed`)
         and later pages of that file are ignored, as are pages of a finished file."""
+        pending = self._pending
+        if pending is not None:
+            # The hot path: the next page of the file being gathered (checked when gathering
+            # began: the file is open, neither failed nor done; the bound is its size).
+            pid, poff, pbuf, psize = pending
+            n = len(data)
+            if (
+                pid == file_id
+                and poff + len(pbuf) == offset
+                and offset + n <= psize
+                and len(pbuf) < self.COALESCE
+                and n
+                and (data[0] or data[n - 1] or file_id not in self._presized)
+            ):
+                pbuf += data
+                return
         entry = self._file_entry(file_id)
         view = memoryview(data).cast("B")
         if offset < 0 or offset + len(view) > entry.size:
@@ -303,7 +320,7 @@ class FileStore:
             return
         pending = self._pending
         if pending is not None:
-            pid, poff, pbuf = pending
+            pid, poff, pbuf, _ = pending
             if (
                 pid == file_id
                 and poff + len(pbuf) == offset
@@ -313,6 +330,8 @@ class FileStore:
                 pbuf += view
                 return
             self.flush()
+            if file_id in self._failed:  # the flush was this file's, and it failed
+                return
         try:
             self._temp_fd(file_id)
         except _ERRORS as exc:
@@ -320,7 +339,7 @@ class FileStore:
             return
         if file_id in self._presized and _is_zero(data, view):
             return  # a hole already reads as zeros: keep sparse files sparse
-        self._pending = (file_id, offset, bytearray(view))
+        self._pending = (file_id, offset, bytearray(view), entry.size)
 
     def flush(self) -> None:
         """Write out gathered pages."""
@@ -328,7 +347,7 @@ class FileStore:
         if pending is None:
             return
         self._pending = None
-        file_id, offset, buf = pending
+        file_id, offset, buf, _ = pending
         view = memoryview(buf)
         try:
             fd = self._temp_fd(file_id)

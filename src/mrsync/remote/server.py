@@ -93,6 +93,7 @@ class TargetSession:
         self.store: FileStore | None = None
         self.deleted = 0
         self.finished = False
+        self.batch: BatchReceiver | None = None
 
     def send(self, message: Message) -> None:
         data = frame(message)
@@ -214,6 +215,7 @@ class TargetSession:
             polls=stats.polls,
             feedback_sent=stats.feedback_sent,
             rcvbuf=self.rcvbuf,
+            receive_calls=self.batch.calls if self.batch else 0,
             **_cpu_ms(),
         )
         self.send(
@@ -300,7 +302,8 @@ def _loop(session: TargetSession, control_in: int, reader: FrameReader) -> int:
     selector.register(control_in, selectors.EVENT_READ, "control")
     # The receiver machine takes no clock: it acts on what arrives, never on time.
     slot = min(65536, session.hello.max_datagram + 64)
-    selector.register(session.sock, selectors.EVENT_READ, BatchReceiver(session.sock, slot=slot))
+    session.batch = BatchReceiver(session.sock, slot=slot)
+    selector.register(session.sock, selectors.EVENT_READ, session.batch)
     selector.register(session.unicast, selectors.EVENT_READ,
                       BatchReceiver(session.unicast, slot=slot, slots=8))
     while True:
