@@ -105,3 +105,38 @@ def test_parity_repair_cost_follows_the_worst_receiver() -> None:
     assert runs[False].repair_share > 0.5
     assert runs[True].repair_share < 0.05
     assert runs[True].parity_bytes > 0
+
+
+@pytest.mark.parametrize("loss", [0.0, 0.02])
+def test_rate_control_finds_a_bottleneck_and_ignores_random_loss(loss: float) -> None:
+    """A 25 MB/s bottleneck with a 1.25 MB drop-tail queue behind a 125 MB/s first hop: the
+    sender must find it on its own (no rate given) and keep it nearly full, with and without
+    2% random loss (loss is not congestion)."""
+    page_size = 1416
+    sizes = {0: page_size * 20_000}
+    result = simulate(
+        objects=list(sizes.items()), content=_content_fn(page_size, sizes), receivers=4,
+        loss=loss, seed=3, page_size=page_size, window=8192, link_rate=125e6,
+        bottleneck_rate=25e6,
+    )
+    assert result.all_identical
+    goodput = result.data_bytes / result.duration
+    assert goodput > 0.8 * 25e6, goodput
+    # Without rate control the first hop's speed would overrun the queue all along.
+    assert result.bottleneck_drops < 0.05 * 20_000
+
+
+def test_rate_controller_unit() -> None:
+    from mrsync.engine.rate import RateController
+
+    rc = RateController(now=0.0, datagram_bytes=1000, initial_rate=1e6)
+    t, got = 0.0, 0
+    # Startup: deliveries follow the pacing rate up to a 20 MB/s bottleneck, 2% lost.
+    for _ in range(200):
+        t += 0.02
+        delivered = min(rc.rate, 20e6) * 0.98
+        got += int(delivered * 0.02 / 1000)
+        rc.on_feedback(1, got, t)
+    assert rc.state == "probe"
+    assert 0.9 * 20e6 <= rc.estimate <= 20e6
+    assert rc.rate <= 1.25 * 20e6

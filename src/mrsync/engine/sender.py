@@ -32,6 +32,9 @@ What it does:
   caller brings it up to date afterwards with a catch-up sender of its own (``repair_only``:
   no first pass, just polls and the repairs it asks for, by unicast). The last receiver still
   keeping up never sits out: there would be nobody left to go faster for.
+* **Rate.** A ``RateController`` (``rate.py``) paces the sender to the delivery rate the
+  receivers report, ignoring random loss; ``rate`` caps it. The window stays as a bound on
+  what is in flight, so that no receiver's socket buffer can overflow whatever the estimate.
 * **Silence.** A receiver that answers nothing for ``silence_timeout`` seconds while the sender
   waits on it is given up (``ReceiverLost``) so that it cannot hold the others back forever.
 
@@ -49,6 +52,7 @@ from dataclasses import dataclass, field
 
 from mrsync.engine.fec import MAX_SYMBOLS
 from mrsync.engine.layout import Layout
+from mrsync.engine.rate import RateController
 from mrsync.wire import FLAG_BLOCKS, FLAG_COMPLETE, DecodeError, Feedback, decode, encode_poll
 
 
@@ -137,6 +141,8 @@ class Sender:
         first_seq: int = 0,
         repair_only: bool = False,
         fec_ratio: float = 0.0,
+        rate_control: bool = True,
+        datagram_bytes: int = 1500,
     ) -> None:
         if window < 1:
             raise ValueError("window must be at least one datagram")
@@ -146,7 +152,12 @@ class Sender:
         self._key = key
         self._session = session
         self._window = window
-        self._rate = rate  # payload bytes per second, None = no cap
+        self._cap = rate  # payload bytes per second, None = no cap
+        self._rc = (
+            RateController(now=now, datagram_bytes=datagram_bytes, cap=rate)
+            if rate_control
+            else None
+        )
         self._silence_timeout = silence_timeout
         self._sitout_lag = sitout_lag
         self._peers = {rid: _Peer(last_heard=now) for rid in receivers}
@@ -208,6 +219,8 @@ class Sender:
         if pkt.seq_seen > peer.seq_seen:
             peer.seq_seen = min(pkt.seq_seen, self._seq)
             self._last_progress_at = now
+        if self._rc is not None and not (peer.complete or peer.sat_out):
+            self._rc.on_feedback(pkt.receiver, pkt.received, now)
         peer.missing = pkt.missing
         if pkt.poll and pkt.poll == self._poll and peer.answered_poll != pkt.poll:
             peer.answered_poll = pkt.poll
@@ -269,7 +282,7 @@ class Sender:
         if self._has_page():
             if self._window_full():
                 wake = min(wake, max(self._poll_deadline, self._last_progress_at + self._stall()))
-            elif self._rate is not None:
+            elif self.pacing_rate is not None:
                 wake = min(wake, self._next_send_at)
             else:
                 wake = now
@@ -294,7 +307,7 @@ class Sender:
                 if now >= self._poll_deadline and now - self._last_progress_at >= self._stall():
                     actions.append(self._make_poll(now))
                 break
-            if self._rate is not None and now < self._next_send_at:
+            if now < self._next_send_at:
                 break
             actions.append(self._next_page(now))
         return actions
@@ -338,9 +351,16 @@ class Sender:
                 self._add_parity(block, math.ceil(self._fec_ratio * layout.block_size(block)))
         return SendPage(obj, page, self._seq, repair)
 
+    @property
+    def pacing_rate(self) -> float | None:
+        """Payload bytes per second the sender paces to (None: unpaced)."""
+        return self._rc.rate if self._rc is not None else self._cap
+
     def _pace(self, now: float, length: int) -> None:
-        if self._rate is not None:
-            self._next_send_at = max(self._next_send_at, now) + length / self._rate
+        rate = self.pacing_rate
+        if rate is not None:
+            # Never let a long idle spell turn into a burst: at most a few ms of credit.
+            self._next_send_at = max(self._next_send_at, now - 0.002) + length / rate
 
     def _next_parity(self, now: float) -> SendParity:
         block = self._parity_heap[0]
@@ -423,6 +443,8 @@ class Sender:
 
     def _rtt_sample(self, rtt: float) -> None:
         self.srtt = rtt if self.srtt is None else 0.875 * self.srtt + 0.125 * rtt
+        if self._rc is not None:
+            self._rc.on_rtt(self.srtt)
         self._poll_timeout = max(self.MIN_POLL_TIMEOUT, 4 * self.srtt)
 
     def _min_poll_gap(self) -> float:
@@ -443,15 +465,22 @@ class Sender:
             if lag > self._sitout_lag and self._active > 1:
                 peer.sat_out = True
                 self._active -= 1
+                if self._rc is not None:
+                    self._rc.forget(rid)
                 actions.append(ReceiverSatOut(rid, lag))
 
     def _settle(self, peer: _Peer, *, complete: bool) -> None:
         if not (peer.complete or peer.lost or peer.sat_out):
             self._active -= 1
+        if self._rc is not None:
+            self._rc.forget(self._rid_of(peer))
         if complete:
             peer.complete = True
         else:
             peer.lost = True
+
+    def _rid_of(self, peer: _Peer) -> int:
+        return next(rid for rid, p in self._peers.items() if p is peer)
 
     def _check_silence(self, now: float, actions: list[SenderAction]) -> None:
         for rid, peer in self._peers.items():

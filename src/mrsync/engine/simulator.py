@@ -25,6 +25,7 @@ from mrsync.engine.receiver import (
     TransferComplete,
     WritePage,
 )
+from mrsync.engine.rate import report_every_for
 from mrsync.engine.sender import (
     ReceiverLost,
     ReceiverSatOut,
@@ -58,6 +59,7 @@ class SimResult:
     polls: int
     feedback_datagrams: int
     lost: list[int] = field(default_factory=list)
+    bottleneck_drops: int = 0
 
     @property
     def repair_share(self) -> float:
@@ -85,6 +87,9 @@ def simulate(
     fec: bool = True,
     fec_ratio: float = 0.0,
     block_pages: int | None = None,
+    bottleneck_rate: float | None = None,
+    queue_bytes: int = 1_250_000,
+    rate_control: bool = True,
 ) -> SimResult:
     rng = random.Random(seed)
     key = rng.randbytes(32)
@@ -97,11 +102,13 @@ def simulate(
     t0 = 0.0
     sender = Sender(
         transfer=transfer, layout=layout, receivers=range(receivers), key=key, session=session,
-        window=window, now=t0, fec_ratio=fec_ratio,
+        window=window, now=t0, fec_ratio=fec_ratio, rate_control=rate_control,
+        datagram_bytes=page_size + DATA_OVERHEAD,
     )
     max_ranges = max_feedback_ranges(1400)
     machines = [
-        Receiver(receiver_id=i, key=key, session=session, report_every=max(1, window // 4),
+        Receiver(receiver_id=i, key=key, session=session,
+                 report_every=report_every_for(receivers, window),
                  max_ranges=max_ranges)
         for i in range(receivers)
     ]
@@ -119,6 +126,8 @@ def simulate(
     tiebreak = itertools.count()
     now = t0
     link_free = t0
+    bottleneck_free = t0
+    bottleneck_drops = 0
     wire_bytes = 0
     feedback = 0
     lost: list[int] = []
@@ -188,11 +197,20 @@ def simulate(
                 datagram = sent.data
             else:  # pragma: no cover - exhaustive
                 raise AssertionError(sent)
-            wire_bytes += len(datagram) + 28  # IPv4 + UDP headers
-            link_free = max(link_free, now) + (len(datagram) + 28) / link_rate
+            size = len(datagram) + 28  # IPv4 + UDP headers
+            wire_bytes += size
+            link_free = max(link_free, now) + size / link_rate
+            arrival = link_free
+            if bottleneck_rate is not None:
+                # A drop-tail queue in front of a slower link (a switch port, say).
+                if (bottleneck_free - arrival) * bottleneck_rate > queue_bytes:
+                    bottleneck_drops += 1
+                    continue
+                bottleneck_free = max(bottleneck_free, arrival) + size / bottleneck_rate
+                arrival = bottleneck_free
             for dest in range(receivers):
                 if rng.random() >= loss:
-                    heapq.heappush(events, (link_free + latency, next(tiebreak), dest, datagram))
+                    heapq.heappush(events, (arrival + latency, next(tiebreak), dest, datagram))
 
     for i, machine in enumerate(machines):
         results[i].missing = machine.missing
@@ -206,6 +224,7 @@ def simulate(
         polls=sender.stats.polls_sent,
         feedback_datagrams=feedback,
         lost=lost,
+        bottleneck_drops=bottleneck_drops,
     )
 
 

@@ -37,6 +37,7 @@ class FilePages:
         self._page_size = page_size
         self._fds: OrderedDict[int, int] = OrderedDict()
         self.short_reads: set[int] = set()
+        self._chunk: tuple[int, int, memoryview] = (-1, 0, memoryview(b""))
 
     def _fd(self, obj: int) -> int:
         fd = self._fds.get(obj)
@@ -52,15 +53,24 @@ class FilePages:
             os.close(old)
         return fd
 
+    READAHEAD = 256 * 1024  # the first pass reads pages in order: one pread serves many
+
     def read(self, obj: int, page: int, length: int) -> bytes | memoryview:
+        offset = page * self._page_size
+        chunk_obj, chunk_off, chunk = self._chunk
+        if chunk_obj == obj and chunk_off <= offset and offset + length <= chunk_off + len(chunk):
+            start = offset - chunk_off
+            return chunk[start : start + length]
+        want = max(length, self.READAHEAD - self.READAHEAD % self._page_size)
         try:
-            data = os.pread(self._fd(obj), length, page * self._page_size)
+            data = os.pread(self._fd(obj), want, offset)
         except OSError:
             data = b""
-        if len(data) != length:
+        if len(data) < length:
             self.short_reads.add(obj)
-            data = data + bytes(length - len(data))
-        return data
+            return data + bytes(length - len(data))
+        self._chunk = (obj, offset, memoryview(data))
+        return self._chunk[2][:length]
 
     def close(self) -> None:
         for fd in self._fds.values():

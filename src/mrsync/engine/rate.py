@@ -1,0 +1,141 @@
+"""Rate control: find the path's capacity from what receivers actually get, not from loss.
+
+Multicast has no per-packet acks, and on a LAN most loss is random (a bad cable, a busy
+receiver), not congestion: a sender that halves its rate on loss, as TCP-friendly schemes do
+(uftp's TFMCC), runs at a fraction of the link on a lossy network. This controller, in the
+manner of BBR, ignores loss entirely and paces to the *delivery rate*:
+
+* Every receiver reports, with its progress, how many datagrams of the transfer it has
+  received. Between two reports at least ``round`` apart that gives its delivery rate. Random
+  loss lowers it by the loss rate only; a queue filling up at a bottleneck (the link, a switch,
+  a receiver's socket buffer) caps it at the bottleneck's rate whatever is sent.
+* The session's estimate is the slowest active receiver's best recent delivery rate (a windowed
+  maximum, so a hiccup does not pull it down). Receivers that stall altogether are not waited
+  for: the sender sits them out (see ``sender.py``).
+* Startup: the pacing rate is twice the estimate, so it doubles every round while the
+  estimate keeps up; after two rounds without 25 % growth the path is full. One round at
+  0.75 drains the queue startup built, then the rate cycles through gains 1.25 (probe for
+  more), 0.75 (drain what the probe queued) and six rounds of 1.0.
+* ``cap`` (``--rate``) bounds everything.
+
+Pure computation: times are passed in.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+PROBE_GAINS = (1.25, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0)
+STARTUP_GAIN = 2.0
+DRAIN_GAIN = 0.75
+MIN_ROUND = 0.02  # seconds: shorter rounds would measure report timing, not the path
+MAX_FILTER = 10  # rounds a delivery-rate sample stays in the windowed maximum
+
+
+def report_every_for(receivers: int, window: int) -> int:
+    """How many datagrams a receiver processes between progress reports: often enough for
+    the rate controller to see a round's delivery, rarely enough that N receivers' reports
+    stay a small load on the master (8 per receiver and round-trip's worth, roughly)."""
+    return max(32, min(8 * receivers, max(1, window // 4)))
+
+
+class _Delivery:
+    """One receiver's delivery-rate samples."""
+
+    __slots__ = ("t0", "count0", "samples")
+
+    def __init__(self, now: float, count: int) -> None:
+        self.t0 = now
+        self.count0 = count
+        self.samples: deque[tuple[float, float]] = deque()  # (time, bytes per second)
+
+    def best(self, since: float) -> float | None:
+        while self.samples and self.samples[0][0] < since:
+            self.samples.popleft()
+        return max((rate for _, rate in self.samples), default=None)
+
+
+class RateController:
+    def __init__(
+        self,
+        *,
+        now: float,
+        datagram_bytes: int,
+        initial_rate: float = 5e6,
+        cap: float | None = None,
+    ) -> None:
+        self._datagram = datagram_bytes
+        self._cap = cap
+        self._estimate = initial_rate / STARTUP_GAIN
+        self._receivers: dict[int, _Delivery] = {}
+        self._round = MIN_ROUND
+        self._state = "startup"
+        self._round_start = now
+        self._last_estimate = 0.0
+        self._flat_rounds = 0
+        self._phase = 0
+        self.rate = self._paced(STARTUP_GAIN)
+
+    def on_rtt(self, rtt: float) -> None:
+        self._round = max(MIN_ROUND, rtt)
+
+    def forget(self, receiver: int) -> None:
+        """A receiver completed, failed or sat out: it no longer bounds the rate."""
+        self._receivers.pop(receiver, None)
+
+    def on_feedback(self, receiver: int, received: int, now: float) -> None:
+        d = self._receivers.get(receiver)
+        if d is None:
+            self._receivers[receiver] = _Delivery(now, received)
+            return
+        elapsed = now - d.t0
+        if elapsed < self._round or received < d.count0:
+            return
+        d.samples.append((now, (received - d.count0) * self._datagram / elapsed))
+        d.t0, d.count0 = now, received
+        self._update(now)
+
+    def _update(self, now: float) -> None:
+        since = now - MAX_FILTER * self._round
+        bests = [b for d in self._receivers.values() if (b := d.best(since)) is not None]
+        if not bests:
+            return
+        self._estimate = min(bests)
+        if now - self._round_start < self._round:
+            self.rate = self._paced(self._gain())
+            return
+        # A round has passed.
+        self._round_start = now
+        if self._state == "startup":
+            if self._estimate < 1.25 * self._last_estimate:
+                self._flat_rounds += 1
+                if self._flat_rounds >= 2:
+                    self._state = "drain"
+            else:
+                self._flat_rounds = 0
+                self._last_estimate = self._estimate
+        elif self._state == "drain":
+            self._state = "probe"
+            self._phase = 0
+        else:
+            self._phase = (self._phase + 1) % len(PROBE_GAINS)
+        self.rate = self._paced(self._gain())
+
+    def _gain(self) -> float:
+        if self._state == "startup":
+            return STARTUP_GAIN
+        if self._state == "drain":
+            return DRAIN_GAIN
+        return PROBE_GAINS[self._phase]
+
+    def _paced(self, gain: float) -> float:
+        rate = gain * self._estimate
+        return min(rate, self._cap) if self._cap is not None else rate
+
+    @property
+    def state(self) -> str:
+        return self._state
+
+    @property
+    def estimate(self) -> float:
+        return self._estimate
