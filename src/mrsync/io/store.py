@@ -53,6 +53,7 @@ import secrets
 import shutil
 import stat
 from collections import OrderedDict
+from collections.abc import Iterable
 from types import TracebackType
 from typing import NamedTuple
 
@@ -200,6 +201,8 @@ class FileStore:
         self._presized: set[int] = set()  # temps made by ftruncate: unwritten ranges are holes
         # Gathered pages, see write(): (file id, offset, bytes, the file's size).
         self._pending: tuple[int, int, bytearray, int] | None = None
+        self._expected: set[int] | None = None  # see plan()
+        self._keep: set[int] = set()
         self.errors: list[FileError] = []
         self._is_root = os.geteuid() == 0
         self._root_fd: int | None = None
@@ -404,6 +407,15 @@ class FileStore:
         """True once a write or finish of this file failed (its error is in ``errors``)."""
         return file_id in self._failed
 
+    def plan(self, data: Iterable[int], keep: Iterable[int] = ()) -> None:
+        """What the comparison decided: ``data`` are the files whose content is coming (one
+        that never arrives is reported "not received"); ``keep`` are entries to leave exactly
+        as they are (--update, --ignore-existing). Any other file's content is current (the
+        quick check, -c or --size-only said so) and only its metadata is brought in line, as
+        rsync does. Without a plan, every file that fails the quick check is "not received"."""
+        self._expected = set(data)
+        self._keep = set(keep)
+
     def finish_tree(self) -> list[FileError]:
         """After all data: empty files and symlinks (temp name + rename, an identical link is
         left alone), metadata of unchanged files (no content rewrite), then the mode, owner
@@ -417,7 +429,7 @@ class FileStore:
         self._root()
         links: list[int] = []
         for file_id, entry in enumerate(self.entries):
-            if entry.kind == Kind.DIR or file_id in self._failed:
+            if entry.kind == Kind.DIR or file_id in self._failed or file_id in self._keep:
                 continue
             if entry.kind == Kind.FILE and entry.link >= 0:
                 links.append(file_id)  # after every other entry is in place
@@ -439,8 +451,10 @@ class FileStore:
                 elif (
                     st is not None
                     and stat.S_ISREG(st.st_mode)
-                    and st.st_size == entry.size
-                    and st.st_mtime_ns == entry.mtime_ns
+                    and (
+                        (st.st_size == entry.size and st.st_mtime_ns == entry.mtime_ns)
+                        or (self._expected is not None and file_id not in self._expected)
+                    )
                 ):
                     self._fix_meta(entry, dfd, base, st)
                 else:
