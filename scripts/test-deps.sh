@@ -11,6 +11,7 @@
 #   ethtool    (ethtool) offloads off, so that each packet crosses the bridge on its own
 #   sysctl     (procps) per-namespace settings
 #   ssh, sshd  (openssh-client, openssh-server) the real ssh path: sshd on a lab host
+#   tmux       (tmux) a terminal to capture mrsync's live progress display in
 #
 # Only as root and only with apt-get; otherwise say what is missing and carry on (tests that
 # need a missing tool skip themselves).
@@ -19,9 +20,9 @@ set -euo pipefail
 declare -A package=([rsync]=rsync [ip]=iproute2 [tc]=iproute2 [nft]=nftables
                    [ethtool]=ethtool [sysctl]=procps [unshare]=util-linux
                    [ssh]=openssh-client [ssh-keygen]=openssh-client
-                   [/usr/sbin/sshd]=openssh-server)
+                   [/usr/sbin/sshd]=openssh-server [tmux]=tmux)
 missing=()
-for tool in rsync ip tc nft ethtool sysctl unshare ssh ssh-keygen /usr/sbin/sshd; do
+for tool in rsync ip tc nft ethtool sysctl unshare ssh ssh-keygen /usr/sbin/sshd tmux; do
     command -v "$tool" >/dev/null 2>&1 && continue
     [[ " ${missing[*]} " == *" ${package[$tool]} "* ]] || missing+=("${package[$tool]}")
 done

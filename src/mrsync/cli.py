@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import socket
 import sys
+import time
+from typing import NoReturn, TextIO
 
-from mrsync import __version__, exitcodes
-from mrsync.io.net import DEFAULT_PORT, loopback_endpoint, network_endpoint
+from mrsync import __version__, config, exitcodes
+from mrsync.io.net import DEFAULT_PORT, Endpoint, loopback_endpoint, network_endpoint
 from mrsync.plan.options import SyncOptions
 from mrsync.remote.targets import TargetSpec, host_target, parse_target
 
@@ -26,23 +29,75 @@ stdin/stdout and all file data travels over the multicast group. When every targ
 the group is pinned to loopback with TTL 0: no packet is put on a network interface.
 """
 
+EXAMPLES = """\
+examples:
+  mrsync -v 1 /srv/data/ node1:/srv/data node2:/srv/data /mnt/backup/data
+  mrsync -s /srv/data -m hosts.txt --rate 800M --stats
+  mrsync -e "ssh -i ~/.ssh/fleet" --json report.json -s /srv/data -m node1,node2,node3
+  mrsync-rtt node1 node2           test the path to some hosts first
+"""
+
+CONFIG_HELP = f"""\
+configuration files:
+  {config.SYSTEM_CONFIG}, then {config.USER_CONFIG}, then --config FILE set defaults (TOML);
+  later files override earlier ones and options override them all. Keys: rsh, mrsync_path,
+  address, port, interface, ttl, rate, page_size, sitout_lag, fec, verbose, e.g.
+      rsh = "ssh -o BatchMode=yes"
+      rate = "800M"
+  An unknown key or a value of the wrong type is an error (exit status 1).
+"""
+
+
 class UsageError(Exception):
     pass
 
 
-def _parse_rate(text: str) -> float:
-    """Bits per second with an optional k/M/G suffix (powers of 1000, as links are sold)."""
-    scale = {"k": 1e3, "m": 1e6, "g": 1e9}
-    t = text.strip().lower().removesuffix("bit/s").removesuffix("bps")
-    factor = scale.get(t[-1:], 1.0)
-    number = t[:-1] if t[-1:] in scale else t
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error exits with our status 1 (argparse's own is 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(exitcodes.USAGE, f"{self.prog}: error: {message}\n")
+
+
+def parse_rate_arg(text: str) -> float:
     try:
-        bits = float(number) * factor
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a rate: {text!r} (e.g. 200M)") from None
-    if bits <= 0:
-        raise argparse.ArgumentTypeError("rate must be positive")
-    return bits
+        return config.parse_rate(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def config_defaults(argv: list[str], prog: str) -> dict[str, object] | int:
+    """Defaults from the configuration files (``--config`` is looked for in ``argv``), or the
+    exit status after a clear error."""
+    pre = argparse.ArgumentParser(add_help=False, exit_on_error=False)
+    pre.add_argument("--config")
+    try:
+        explicit = pre.parse_known_args(argv)[0].config
+    except argparse.ArgumentError:
+        explicit = None  # the real parser reports it
+    try:
+        return config.load(explicit)
+    except config.ConfigError as exc:
+        print(f"{prog}: error: configuration: {exc}", file=sys.stderr)
+        return exitcodes.USAGE
+
+
+def data_plane(
+    family: int, address: str | None, port: int, interface: str | None, ttl: int | None,
+    *, local_only: bool,
+) -> tuple[Endpoint, int]:
+    """The multicast endpoint and TTL for a session (mrsync and mrsync-rtt alike): when every
+    target is on this machine and no interface is named, the group is pinned to loopback with
+    TTL 0, so nothing leaves the host; otherwise the named interface or the route to the
+    group, TTL 1 unless told. Raises OSError when no interface fits."""
+    if local_only and not interface:
+        endpoint = loopback_endpoint(family, address, port)
+    else:
+        endpoint = network_endpoint(family, address, port, interface)
+    if ttl is None:
+        ttl = 0 if local_only and not interface else 1
+    return endpoint, ttl
 
 
 class _RuleAction(argparse.Action):
@@ -107,10 +162,10 @@ def _sync_options(args: argparse.Namespace) -> SyncOptions:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="mrsync",
         description=DESCRIPTION,
-        epilog=exitcodes.EPILOG,
+        epilog=EXAMPLES + "\n" + CONFIG_HELP + "\n" + exitcodes.EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("paths", nargs="*", metavar="SRC DEST", help="source, then one or more targets")
@@ -138,19 +193,33 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a target this far behind the sender sits out and is caught up by "
                         "unicast afterwards, so it never holds the others back (default 2)")
     p.add_argument("-v", "--verbose", type=int, choices=(0, 1, 2), default=0, metavar="0|1|2",
-                   help="verbosity: 0 quiet (default), 1 per-target summary, 2 counters")
+                   help="verbosity: 0 quiet (default), 1 per-target summary and time-stamped "
+                        "log lines, 2 counters and timings")
     p.add_argument("--page-size", type=int, metavar="BYTES",
                    help="payload bytes per datagram (default: from the path MTU)")
     p.add_argument("--fec", type=float, default=0.0, metavar="PERCENT",
                    help="proactive parity: add PERCENT%% repair symbols to every block as it is "
                         "sent, for links known to be lossy (default 0: parity only on demand)")
     p.add_argument("--no-parity", dest="parity", action="store_false",
-                   help="repair by resending lost pages only (no RaptorQ parity)")
-    p.add_argument("--rate", type=_parse_rate, metavar="BITS",
+                   help="repair by resending lost pages only (no Reed-Solomon parity)")
+    p.add_argument("--rate", type=parse_rate_arg, metavar="BITS",
                    help="cap the send rate, bits per second, e.g. 200M (default: no cap)")
     p.add_argument("--progress", dest="progress", action="store_true", default=None,
-                   help="show live progress (default: when stderr is a terminal)")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
+                   help="show live progress, one line per target (default: when stderr is a "
+                        "terminal; otherwise -v 1 logs progress lines)")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no live progress display")
+    p.add_argument("--stats", action="store_true",
+                   help="print rsync-like statistics at the end (on stdout): files, bytes "
+                        "sent, re-sent and parity, wire bytes, time, rate, and per target the "
+                        "datagrams it missed and its duplicates")
+    p.add_argument("--json", metavar="FILE",
+                   help="write a JSON report to FILE (- for stdout): one record per target "
+                        "(result, files changed, bytes, errors with paths and reasons, "
+                        "counters) and the session totals")
+    p.add_argument("--config", metavar="FILE",
+                   help="read defaults from this TOML file too, after /etc/mrsync.toml and "
+                        "~/.config/mrsync.toml (see below)")
     sel = p.add_argument_group("what to send (rsync semantics)")
     sel.add_argument("-c", "--checksum", action="store_true",
                      help="compare content digests, not size and mtime")
@@ -188,6 +257,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"mrsync {__version__}")
     p.add_argument("--server", action="store_true", help=argparse.SUPPRESS)
     return p
+
+
+def options_table(parser: argparse.ArgumentParser) -> str:
+    """The parser's options as a Markdown table: the README's tables are this, verbatim
+    (tests/test_config.py checks), so they cannot drift from --help."""
+    rows = ["| option | meaning |", "|---|---|"]
+    for action in parser._actions:
+        if action.help == argparse.SUPPRESS or not action.option_strings:
+            continue
+        metavar = ""
+        if action.nargs != 0:
+            metavar = " " + str(action.metavar or action.dest.upper())
+        names = ", ".join(f"`{o}{metavar}`" for o in action.option_strings)
+        text = " ".join(str(action.help or "").split()).replace("%%", "%")
+        rows.append(f"| {names} | {text} |".replace("|`", "| `"))
+    return "\n".join(row.replace("0|1|2", "0\\|1\\|2") for row in rows) + "\n"
 
 
 def _read_machines(spec: str) -> list[str]:
@@ -241,17 +326,51 @@ def _check_paths(source: str, targets: list[TargetSpec]) -> None:
         seen.add(key)
 
 
+def _open_json(path: str) -> TextIO:
+    if path == "-":
+        return sys.stdout
+    try:
+        return open(path, "w", encoding="utf-8")  # noqa: SIM115 (closed in main)
+    except OSError as exc:
+        raise UsageError(f"--json {path}: {exc.strerror}") from None
+
+
+def _write_json(f: TextIO, document: dict[str, object]) -> None:
+    json.dump(document, f, indent=2)
+    f.write("\n")
+    f.flush()
+    if f is not sys.stdout:
+        f.close()
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.server:
+    if "--server" in argv:
+        # A receiver: its settings all come from the master, never from files on its host.
+        args = parser.parse_args(argv)
         from mrsync.remote.server import run_server
 
         return run_server()
+    defaults = config_defaults(argv, parser.prog)
+    if isinstance(defaults, int):
+        return defaults
+    parser.set_defaults(**defaults)
+    args = parser.parse_args(argv)
+    try:
+        return _run(parser, args)
+    finally:
+        sys.stdout.flush()
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    json_out: TextIO | None = None
     try:
         source, targets = _resolve(args)
         _check_paths(source, targets)
         sync = _sync_options(args)
+        if args.json is not None:
+            json_out = _open_json(args.json)
     except UsageError as exc:
         parser.print_usage(sys.stderr)
         print(f"mrsync: error: {exc}", file=sys.stderr)
@@ -259,20 +378,24 @@ def main(argv: list[str] | None = None) -> int:
 
     from mrsync.job import Job, JobOptions
     from mrsync.plan.scan import ScanError
-    from mrsync.report import Reporter
+    from mrsync.report import Reporter, json_failure, json_report
 
     family = socket.AF_INET6 if args.ipv6 else socket.AF_INET
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     local_only = all(t.host is None for t in targets)
+    started = time.monotonic()
+
+    def fail_json(code: int, error: str) -> int:
+        if json_out is not None:
+            _write_json(json_out, json_failure(source, code, error, time.monotonic() - started))
+        return code
+
     try:
-        if local_only and not args.interface:
-            endpoint = loopback_endpoint(family, args.address, args.port)
-        else:
-            endpoint = network_endpoint(family, args.address, args.port, args.interface)
+        endpoint, ttl = data_plane(family, args.address, args.port, args.interface, args.ttl,
+                                   local_only=local_only)
     except OSError as exc:
         print(f"mrsync: error: cannot choose the multicast interface: {exc}", file=sys.stderr)
-        return exitcodes.USAGE
-    ttl = args.ttl if args.ttl is not None else (0 if local_only and not args.interface else 1)
+        return fail_json(exitcodes.USAGE, f"cannot choose the multicast interface: {exc}")
     options = JobOptions(
         source=source,
         targets=targets,
@@ -289,20 +412,25 @@ def main(argv: list[str] | None = None) -> int:
         progress=progress,
         sync=sync,
     )
-    reporter = Reporter(verbose=args.verbose, progress=progress)
+    reporter = Reporter(verbose=args.verbose, progress=progress, link_rate=options.rate)
     try:
         result = Job(options, reporter).run()
     except KeyboardInterrupt:
         reporter.close()
         print("mrsync: interrupted", file=sys.stderr)
-        return exitcodes.INTERRUPTED
+        return fail_json(exitcodes.INTERRUPTED, "interrupted")
     except ScanError as exc:
         reporter.close()
         print(f"mrsync: error: cannot read the source: {exc}", file=sys.stderr)
-        return exitcodes.SESSION_FAILED
+        return fail_json(exitcodes.SESSION_FAILED, f"cannot read the source: {exc}")
     except OSError as exc:
         reporter.close()
         print(f"mrsync: error: {exc}", file=sys.stderr)
-        return exitcodes.SESSION_FAILED
+        return fail_json(exitcodes.SESSION_FAILED, str(exc))
     reporter.summary(result)
-    return result.exit_code()
+    code = result.exit_code()
+    if args.stats and not result.dry_run:
+        reporter.stats(result, sys.stderr if args.json == "-" else sys.stdout)
+    if json_out is not None:
+        _write_json(json_out, json_report(result, code))
+    return code

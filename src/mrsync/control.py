@@ -47,12 +47,15 @@ class HelloOk(msgspec.Struct, tag=True):
     pid: int
     address: str  # the target's address on the data plane
     data_port: int  # its unicast socket: catch-up data after sitting out is sent there
+    mtu: int = 0  # MTU of the interface it joined the group on (0: unknown)
 
 
 class StartTransfer(msgspec.Struct, tag=True):
     """Master -> target: the next transfer. kind "manifest": one object (id 0) of ``size``
     bytes whose blake3 is ``digest``. kind "data": the manifest's files whose ids are set in
-    ``objects`` (a bitmap, bit i of byte i // 8), sent in ascending id order."""
+    ``objects`` (a bitmap, bit i of byte i // 8), sent in ascending id order. kind "rtt"
+    (mrsync-rtt): one object (id 0) of ``size`` bytes, every page answered as it arrives and
+    then thrown away."""
 
     transfer: int
     kind: str

@@ -47,6 +47,7 @@ from mrsync.control import (
 from mrsync.engine.fec import block_pages_for_targets
 from mrsync.engine.fec import supported as fec_supported
 from mrsync.engine.layout import Layout, block_pages_for
+from mrsync.engine.rate import report_every_for
 from mrsync.engine.sender import (
     ReceiverLost,
     ReceiverSatOut,
@@ -61,7 +62,7 @@ from mrsync.plan.manifest import Kind, Manifest, encode_manifest
 from mrsync.plan.options import SyncOptions
 from mrsync.plan.scan import scan_source, source_root
 from mrsync.remote.targets import TargetSpec, server_command
-from mrsync.report import Reporter
+from mrsync.report import Reporter, TargetView
 from mrsync.wire import (
     DATA_OVERHEAD,
     DecodeError,
@@ -95,6 +96,7 @@ class JobOptions:
     silence_timeout: float = 30.0
     parity: bool = True  # RaptorQ parity repair when the page size allows it
     fec_ratio: float = 0.0  # proactive parity per block, as a share of its pages
+    rate_control: bool = True  # pace to the delivery rate the targets report
 
 
 @dataclass
@@ -114,6 +116,10 @@ class Target:
     failure: str | None = None
     sat_out: bool = False
     caught_up: bool = False
+    wanted_pages: int = 0  # pages of the data transfer it wants (for progress)
+    missing: int = -1  # of those, how many it last said it lacks (-1: not heard yet)
+    seq_seen: int = 0  # its last report in the data transfer: highest seq seen,
+    received: int = 0  # and datagrams received (the difference is what it lost)
 
     @property
     def name(self) -> str:
@@ -142,6 +148,8 @@ class JobResult:
     sender_stats: dict[str, int]
     warnings: list[str]
     dry_run: bool = False
+    source: str = ""
+    page_size: int = 0
 
     @property
     def failed(self) -> list[Target]:
@@ -169,8 +177,12 @@ class JobResult:
 def choose_page_size(endpoint: Endpoint) -> int:
     """The largest page whose datagram crosses the path without IP fragmentation, rounded down
     to a multiple of 4 KiB when it is that large (file-system friendly writes)."""
-    mtu = min(interface_mtu(endpoint.interface), 65535)
-    page = mtu - IP_UDP_HEADERS[endpoint.family] - DATA_OVERHEAD
+    return page_size_for_mtu(interface_mtu(endpoint.interface), endpoint.family)
+
+
+def page_size_for_mtu(mtu: int, family: int) -> int:
+    """``choose_page_size`` for a given MTU (mrsync-rtt asks it for the path's)."""
+    page = min(mtu, 65535) - IP_UDP_HEADERS[family] - DATA_OVERHEAD
     return page - page % 4096 if page >= 8192 else page - page % 8
 
 
@@ -182,7 +194,7 @@ class Job:
         self.key = secrets.token_bytes(32)
         self.page_size = options.page_size or choose_page_size(options.endpoint)
         self.max_datagram = self.page_size + DATA_OVERHEAD
-        self.window = max(16, min(1024, WINDOW_BYTES // (self.max_datagram + 512)))
+        self.window = max(16, min(8192, WINDOW_BYTES // (self.max_datagram + 512)))
         self.block_pages = block_pages_for(self.page_size,
                                            block_pages_for_targets(len(options.targets)))
         self.fec = options.parity and fec_supported(self.page_size)
@@ -194,6 +206,10 @@ class Job:
         self.stats: Counter[str] = Counter()
         self._transfer = 0
         self._buf = bytearray(65536)
+        # Receivers report progress every this many datagrams without being asked.
+        self.report_every = report_every_for(len(options.targets), self.window)
+        self._phase = "starting"  # starting, planning, data, finishing: for the progress view
+        self._data_transfer = 0
 
     # -- the whole job ----------------------------------------------------------------------
 
@@ -208,11 +224,13 @@ class Job:
         self.batcher = Batcher(self.sock)
         self.selector.register(self.sock, selectors.EVENT_READ, None)
         union: list[int] = []
+        self.reporter.watch(self.progress_view)
         try:
             self._start_targets()
             self._pump(lambda: all(t.hello or not t.alive for t in self.targets),
                        timeout=HANDSHAKE_TIMEOUT, what="starting")
             # Transfer 1: the manifest, to every target.
+            self._phase = "planning"
             self._transfer_blob(blob)
             self._pump(lambda: all(t.needs or not t.alive for t in self.targets),
                        timeout=None, what="planning")
@@ -229,6 +247,7 @@ class Job:
                     wanted.update(ids_from_bitmap(t.needs.objects, len(manifest.entries)))
             union = sorted(i for i in wanted if manifest.entries[i].kind == Kind.FILE)
             self._transfer_files(manifest, union)
+            self._phase = "finishing"
             self._pump(lambda: all(t.result or not t.alive for t in self.targets),
                        timeout=None, what="finishing")
         finally:
@@ -248,6 +267,8 @@ class Job:
             sender_stats=dict(self.stats),
             warnings=warnings,
             dry_run=self.options.sync.dry_run,
+            source=self.options.source,
+            page_size=self.page_size,
         )
 
     def _transfer_blob(self, blob: bytes) -> None:
@@ -268,6 +289,16 @@ class Job:
             sources.append(FilePages(root, manifest, self.page_size))
             return sources[-1]
 
+        union_set = set(union)
+        for t in self.targets:
+            if t.alive and t.needs is not None:
+                bits = t.needs.objects
+                t.wanted_pages = sum(
+                    layout.pages_of(i) for i in union_set
+                    if i >> 3 < len(bits) and bits[i >> 3] >> (i & 7) & 1
+                )
+        self._phase = "data"
+        self._data_transfer = start.transfer
         self.reporter.begin_data(layout.bytes_total(), [t.name for t in self.targets if t.alive])
         self._run_transfer(start, layout, open_source, "data")
         for obj in sorted(set().union(*(s.short_reads for s in sources))):
@@ -305,6 +336,8 @@ class Job:
             now=time.monotonic(), sitout_lag=self.options.sitout_lag,
             silence_timeout=self.options.silence_timeout,
             fec_ratio=self.options.fec_ratio if self.fec else 0.0,
+            rate_control=self.options.rate_control,
+            datagram_bytes=self.max_datagram + IP_UDP_HEADERS[ep.family],
         )
         for t in self.targets:
             if transfer in t.done:
@@ -327,6 +360,8 @@ class Job:
                     now=time.monotonic(), sitout_lag=None,
                     silence_timeout=self.options.silence_timeout,
                     first_seq=sender.last_seq, repair_only=True,
+                    rate_control=self.options.rate_control,
+                    datagram_bytes=self.max_datagram + IP_UDP_HEADERS[ep.family],
                 )
                 addr: Address = (t.hello.address, t.hello.data_port) if (
                     ep.family == socket.AF_INET) else (t.hello.address, t.hello.data_port, 0, 0)
@@ -367,10 +402,7 @@ class Job:
         deadline = None if timeout is None else time.monotonic() + timeout
         while not until():
             now = time.monotonic()
-            wait = 0.25
-            for flow in self.flows:
-                self._step(flow, now)
-                wait = min(wait, flow.sender.next_wakeup(time.monotonic()) - now)
+            wait = self._step_flows(now)
             if deadline is not None:
                 if now >= deadline:
                     self._fail_laggards(until, f"no answer within {timeout:.0f} s ({what})")
@@ -385,6 +417,17 @@ class Job:
                     assert isinstance(key.data, Target)
                     self._read_control(key.data)
             self.reporter.tick()
+
+    def _step_flows(self, now: float) -> float:
+        """Let every flow send what is due; returns how long the loop may sleep."""
+        wait = 0.25
+        for flow in self.flows:
+            self._step(flow, now)
+            # Measured from after the step: sleeping as long as the step took would halve
+            # the send rate.
+            after = time.monotonic()
+            wait = min(wait, flow.sender.next_wakeup(after) - after)
+        return wait
 
     def _fail_laggards(self, until: Callable[[], bool], reason: str) -> None:
         for t in self.targets:
@@ -412,6 +455,7 @@ class Job:
                                          action.block, action.esi, symbol)
                 batch.add(datagram, dest)
                 wire += len(datagram)
+                self.reporter.sent(len(symbol), True, parity=True)
             elif isinstance(action, SendDatagram):
                 batch.add(action.data, dest)
                 wire += len(action.data)
@@ -441,10 +485,18 @@ class Job:
             if not isinstance(pkt, Feedback):
                 self.stats["dropped_unexpected"] += 1
                 continue
-            for flow in self.flows:
-                if flow.sender.serves(pkt.receiver):
-                    flow.sender.receive_feedback(pkt, time.monotonic())
-                    break
+            self._on_feedback(pkt, time.monotonic())
+
+    def _on_feedback(self, pkt: Feedback, now: float) -> None:
+        """An authenticated FEEDBACK: to the flow that serves its receiver."""
+        if pkt.transfer == self._data_transfer and 0 <= pkt.receiver < len(self.targets):
+            t = self.targets[pkt.receiver]
+            if pkt.received >= t.received:  # (0 in answers after it completed)
+                t.seq_seen, t.received = pkt.seq_seen, pkt.received
+        for flow in self.flows:
+            if flow.sender.serves(pkt.receiver):
+                flow.sender.receive_feedback(pkt, now)
+                return
 
     # -- targets ----------------------------------------------------------------------------
 
@@ -479,10 +531,53 @@ class Job:
                     interface=ep.interface if local_only or t.spec.host is None else "",
                     feedback_host=host, feedback_port=port, page_size=self.page_size,
                     block_pages=self.block_pages, fec=self.fec,
-                    report_every=max(1, self.window // 4), max_datagram=self.max_datagram,
+                    report_every=self.report_every, max_datagram=self.max_datagram,
                     verbose=self.options.verbose, options=self.options.sync,
                 ),
             )
+
+    def progress_view(self) -> list[TargetView]:
+        """Where every target stands, for the live display (called a few times a second)."""
+        serving: dict[int, tuple[Sender, int]] = {}
+        if self._phase == "data":
+            for flow in self.flows:
+                for rid, missing in flow.sender.receiver_missing().items():
+                    serving[rid] = (flow.sender, missing)
+        views = []
+        for t in self.targets:
+            got = serving.get(t.rid)
+            if got is not None and got[1] >= 0:
+                t.missing = got[1]
+            wanted = t.needs.size if t.needs is not None else 0
+            finished = self._data_transfer in t.done or t.result is not None
+            if t.failure is not None:
+                state = "failed"
+            elif finished and self._data_transfer:
+                state = "caught up" if t.caught_up else "done"
+            elif t.hello is None:
+                state = "starting"
+                wanted = -1
+            elif t.needs is None or self._phase == "planning":
+                state = "planning"
+                wanted = -1
+            elif t.sat_out:
+                sitting = got is None or t.rid in got[0].sat_out
+                state = "sitting out" if sitting else "catching up"
+            elif got is not None:
+                state = "repairing" if got[0].first_pass_done else "receiving"
+            else:
+                state = "waiting"
+            if wanted < 0:
+                done = 0
+            elif finished:
+                done = wanted
+            elif t.missing >= 0 and t.wanted_pages:
+                done = wanted * max(0, t.wanted_pages - t.missing) // t.wanted_pages
+            else:
+                done = 0
+            lost = 100 * (t.seq_seen - t.received) / t.seq_seen if t.seq_seen else None
+            views.append(TargetView(t.name, t.spec.host, state, wanted, done, t.missing, lost))
+        return views
 
     def _send(self, t: Target, message: Message) -> None:
         if not t.alive or t.proc is None or t.proc.stdin is None:

@@ -30,6 +30,7 @@ STARTUP_GAIN = 2.0
 DRAIN_GAIN = 0.75
 MIN_ROUND = 0.02  # seconds: shorter rounds would measure report timing, not the path
 MAX_FILTER = 10  # rounds a delivery-rate sample stays in the windowed maximum
+MIN_RATE = 64 * 1024  # bytes per second: never pace to a standstill, whatever the samples say
 
 
 def report_every_for(receivers: int, window: int) -> int:
@@ -76,6 +77,14 @@ class RateController:
         self._phase = 0
         self.rate = self._paced(STARTUP_GAIN)
 
+    def restart(self, now: float) -> None:
+        """Back to startup (the path changed: a receiver that held everyone back is gone)."""
+        self._state = "startup"
+        self._round_start = now
+        self._flat_rounds = 0
+        self._last_estimate = 0.0
+        self.rate = self._paced(STARTUP_GAIN)
+
     def on_rtt(self, rtt: float) -> None:
         self._round = max(MIN_ROUND, rtt)
 
@@ -83,7 +92,11 @@ class RateController:
         """A receiver completed, failed or sat out: it no longer bounds the rate."""
         self._receivers.pop(receiver, None)
 
-    def on_feedback(self, receiver: int, received: int, now: float) -> None:
+    def on_feedback(
+        self, receiver: int, received: int, now: float, *, app_limited: bool = False
+    ) -> None:
+        """A receiver's report of the datagrams it has received so far. ``app_limited``: the
+        sender had nothing to send lately, so the sample may only raise the estimate."""
         d = self._receivers.get(receiver)
         if d is None:
             self._receivers[receiver] = _Delivery(now, received)
@@ -91,8 +104,11 @@ class RateController:
         elapsed = now - d.t0
         if elapsed < self._round or received < d.count0:
             return
-        d.samples.append((now, (received - d.count0) * self._datagram / elapsed))
+        sample = (received - d.count0) * self._datagram / elapsed
         d.t0, d.count0 = now, received
+        if app_limited and sample < self._estimate:
+            return
+        d.samples.append((now, sample))
         self._update(now)
 
     def _update(self, now: float) -> None:
@@ -129,7 +145,7 @@ class RateController:
         return PROBE_GAINS[self._phase]
 
     def _paced(self, gain: float) -> float:
-        rate = gain * self._estimate
+        rate = max(gain * self._estimate, MIN_RATE)
         return min(rate, self._cap) if self._cap is not None else rate
 
     @property

@@ -187,6 +187,8 @@ class Sender:
         self._poll_sent_at = -math.inf
         self._poll_deadline = now  # no poll before this time
         self._poll_timeout = 0.05
+        self._poll_now = False  # a poll is wanted at once (to check on a quiet receiver)
+        self._poll_times: list[float] = [-math.inf]  # send time of each poll, by number
         self._unanswered_polls = 0
         self.srtt: float | None = None
 
@@ -220,7 +222,11 @@ class Sender:
             peer.seq_seen = min(pkt.seq_seen, self._seq)
             self._last_progress_at = now
         if self._rc is not None and not (peer.complete or peer.sat_out):
-            self._rc.on_feedback(pkt.receiver, pkt.received, now)
+            # While the sender has nothing to send (waiting on a poll) or its window is full
+            # (waiting on a slow receiver), deliveries say nothing about the path: such
+            # samples would drag the estimate towards zero.
+            limited = not self._has_page() or self._window_full()
+            self._rc.on_feedback(pkt.receiver, pkt.received, now, app_limited=limited)
         peer.missing = pkt.missing
         if pkt.poll and pkt.poll == self._poll and peer.answered_poll != pkt.poll:
             peer.answered_poll = pkt.poll
@@ -297,6 +303,9 @@ class Sender:
         actions: list[SenderAction] = []
         self._check_silence(now, actions)
         self._check_lag(now, actions)
+        if self._poll_now and not self.done:
+            self._poll_now = False
+            actions.append(self._make_poll(now))
         while len(actions) < budget and not self.done:
             if not self._has_page():
                 if now >= self._poll_deadline:
@@ -429,6 +438,7 @@ class Sender:
             self._unanswered_polls += 1
         self._poll += 1
         self._poll_sent_at = now
+        self._poll_times.append(now)
         backoff = min(2.0 ** min(self._unanswered_polls, 10), 64.0)
         self._poll_deadline = now + min(self._poll_timeout * backoff, self.MAX_POLL_TIMEOUT)
         self.stats.polls_sent += 1
@@ -454,19 +464,40 @@ class Sender:
         return max(0.005, 2 * (self.srtt or 0.0))
 
     def _check_lag(self, now: float, actions: list[SenderAction]) -> None:
+        """Sit out a receiver that is more than ``sitout_lag`` behind, but only after asking:
+        progress reports are periodic, so a quiet receiver may just be between two of them.
+        A POLL sent after the point it seems stuck at settles it: a live receiver answers
+        (and its answer proves it has processed everything up to the poll); a stalled one
+        does not within a few round trips."""
         if self._sitout_lag is None or self._active < 2:
             return
+        patience = max(0.1, 4 * (self.srtt or 0.0))
         for rid, peer in self._peers.items():
             if peer.complete or peer.lost or peer.sat_out or peer.seq_seen >= self._seq:
                 continue
             # When was the first datagram it has not processed yet sent?
             index = max(peer.seq_seen, self._first_seq) - self._first_seq
-            lag = now - self._send_times[index]
-            if lag > self._sitout_lag and self._active > 1:
+            stuck_since = self._send_times[index]
+            lag = now - stuck_since
+            if lag <= self._sitout_lag:
+                continue
+            # Polls sent since it got stuck that it has not answered (any poll may be lost,
+            # so one unanswered poll proves nothing; three in a row do).
+            unanswered = [
+                t for n, t in enumerate(self._poll_times[peer.answered_poll + 1 :],
+                                        peer.answered_poll + 1)
+                if t > stuck_since and n <= self._poll
+            ]
+            if len(unanswered) < 3:
+                if now - self._poll_sent_at > patience:
+                    self._poll_now = True
+            elif now - self._poll_sent_at > patience and self._active > 1:
                 peer.sat_out = True
                 self._active -= 1
                 if self._rc is not None:
+                    # Whatever it held back, the others may take more now: find out quickly.
                     self._rc.forget(rid)
+                    self._rc.restart(now)
                 actions.append(ReceiverSatOut(rid, lag))
 
     def _settle(self, peer: _Peer, *, complete: bool) -> None:

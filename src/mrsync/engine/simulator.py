@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from mrsync.engine.fec import BlockEncoder, block_pages_for_targets, supported
 from mrsync.engine.layout import Layout
+from mrsync.engine.rate import report_every_for
 from mrsync.engine.receiver import (
     ObjectComplete,
     Receiver,
@@ -25,7 +26,6 @@ from mrsync.engine.receiver import (
     TransferComplete,
     WritePage,
 )
-from mrsync.engine.rate import report_every_for
 from mrsync.engine.sender import (
     ReceiverLost,
     ReceiverSatOut,

@@ -46,13 +46,21 @@ from mrsync.engine.receiver import (
     WritePage,
 )
 from mrsync.io.batchrecv import BatchReceiver
-from mrsync.io.net import Endpoint, address_of, member_endpoint, open_member, open_unicast
+from mrsync.io.net import (
+    Endpoint,
+    address_of,
+    interface_mtu,
+    member_endpoint,
+    open_member,
+    open_unicast,
+)
 from mrsync.io.store import FileStore, StoreError
 from mrsync.plan.compare import compare, validate_manifest
 from mrsync.plan.manifest import Manifest, decode_manifest
 from mrsync.wire import max_feedback_ranges
 
 MANIFEST_OBJECT = 0
+RTT_OBJECT = 0
 
 
 class _Fatal(Exception):
@@ -135,6 +143,12 @@ class TargetSession:
                 raise _Fatal(f"master will not send {len(missing)} needed files")
             actions = self.machine.start_transfer(msg.transfer, layout, self.needed,
                                                   fec=self.hello.fec)
+        elif msg.kind == "rtt":
+            # mrsync-rtt: pages of random bytes, each answered as it arrives (the master asked
+            # for report_every=1), written nowhere: the round trip is network and process only.
+            self.kind = "rtt"
+            layout = Layout([(RTT_OBJECT, msg.size)], page_size, self.hello.block_pages)
+            actions = self.machine.start_transfer(msg.transfer, layout, [RTT_OBJECT], fec=False)
         else:
             raise _Fatal(f"unknown transfer kind {msg.kind!r}")
         self.send(Ready(msg.transfer))
@@ -148,7 +162,7 @@ class TargetSession:
                 if self.kind == "manifest":
                     end = action.offset + len(action.data)
                     self.blob[action.offset : end] = action.data
-                else:
+                elif self.kind == "data":
                     assert self.store is not None
                     self.store.write(action.obj, action.offset, action.data)
             elif isinstance(action, SendFeedback):
@@ -162,6 +176,8 @@ class TargetSession:
             elif isinstance(action, TransferComplete):
                 if self.kind == "manifest":
                     self.plan()
+                elif self.kind == "rtt":
+                    self.send(TransferDone(action.transfer))
                 else:
                     self.finish(action.transfer)
 
@@ -191,6 +207,7 @@ class TargetSession:
             return
         try:
             self.store = FileStore(self.dest, manifest, options=options)
+            self.store.plan(needs.data, needs.keep)
             self.store.prepare()
             # Deleting before the data arrives frees space for it (rsync's --delete-before).
             self.store.delete(needs.delete)
@@ -200,7 +217,8 @@ class TargetSession:
         self.send(report)
 
     def finish(self, transfer: int) -> None:
-        assert self.store is not None
+        assert self.store is not None and self.manifest is not None
+        entries = self.manifest.entries
         self.store.finish_tree()
         self.send(TransferDone(transfer))
         stats = self.machine.stats
@@ -216,12 +234,18 @@ class TargetSession:
             feedback_sent=stats.feedback_sent,
             rcvbuf=self.rcvbuf,
             receive_calls=self.batch.calls if self.batch else 0,
+            # data datagrams it received, and the highest seq it saw: what it missed is the
+            # difference (--stats, --json)
+            received=self.machine.received,
+            seq_seen=self.machine.seq_seen,
             **_cpu_ms(),
         )
         self.send(
             Result(
                 files_written=sum(not self.store.is_failed(i) for i in self.needed),
-                bytes_written=stats.bytes_written,
+                # content of the files put in place (the manifest's bytes are not counted)
+                bytes_written=sum(entries[i].size for i in self.needed
+                                  if not self.store.is_failed(i)),
                 deleted=self.deleted,
                 errors=[FileFailure(e.path, e.reason) for e in self.store.errors],
                 counters=counters,
@@ -241,6 +265,13 @@ class TargetSession:
             self.store.close()
         self.sock.close()
         self.unicast.close()
+
+
+def _mtu(interface: str) -> int:
+    try:
+        return interface_mtu(interface)
+    except (OSError, ValueError):
+        return 0
 
 
 def _cpu_ms() -> dict[str, int]:
@@ -270,7 +301,8 @@ def run_server() -> int:
             )
         session = TargetSession(hello, control_out)
         session.send(HelloOk(PROTOCOL_VERSION, socket.gethostname(), os.getpid(),
-                             session.endpoint.address, session.unicast.getsockname()[1]))
+                             session.endpoint.address, session.unicast.getsockname()[1],
+                             mtu=_mtu(session.endpoint.interface)))
         return _loop(session, control_in, reader)
     except _Fatal as exc:
         return fail(str(exc))
