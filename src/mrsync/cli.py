@@ -404,6 +404,9 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         rsh=args.rsh,
         mrsync_path=args.mrsync_path,
         sitout_lag=args.sitout_lag if args.sitout_lag > 0 else None,
+        # Loopback has no link to find the capacity of: the window alone keeps local
+        # receivers from being overrun, and probing would only slow a local sync down.
+        rate_control=not (local_only and not args.interface),
         parity=args.parity,
         fec_ratio=max(0.0, args.fec) / 100,
         page_size=args.page_size,

@@ -207,7 +207,7 @@ class Job:
         self._transfer = 0
         self._buf = bytearray(65536)
         # Receivers report progress every this many datagrams without being asked.
-        self.report_every = report_every_for(len(options.targets), self.window)
+        self.report_every = report_every_for(len(options.targets), self.window, self.page_size)
         self._phase = "starting"  # starting, planning, data, finishing: for the progress view
         self._data_transfer = 0
 

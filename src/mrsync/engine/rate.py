@@ -33,11 +33,14 @@ MAX_FILTER = 10  # rounds a delivery-rate sample stays in the windowed maximum
 MIN_RATE = 64 * 1024  # bytes per second: never pace to a standstill, whatever the samples say
 
 
-def report_every_for(receivers: int, window: int) -> int:
+def report_every_for(receivers: int, window: int, page_size: int = 1400) -> int:
     """How many datagrams a receiver processes between progress reports: often enough for
-    the rate controller to see a round's delivery, rarely enough that N receivers' reports
-    stay a small load on the master (8 per receiver and round-trip's worth, roughly)."""
-    return max(32, min(8 * receivers, max(1, window // 4)))
+    the rate controller to see every round's delivery (32 datagrams, or 256 KiB when pages
+    are large), and with many receivers rarely enough that their reports stay a small load on
+    the master (8 datagrams per receiver), never more than a quarter of the window."""
+    base = max(1, min(32, (256 * 1024) // page_size))
+    many = 8 * receivers if receivers > 4 else 0
+    return max(1, min(max(base, many), max(1, window // 4)))
 
 
 class _Delivery:

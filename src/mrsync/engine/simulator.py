@@ -108,7 +108,7 @@ def simulate(
     max_ranges = max_feedback_ranges(1400)
     machines = [
         Receiver(receiver_id=i, key=key, session=session,
-                 report_every=report_every_for(receivers, window),
+                 report_every=report_every_for(receivers, window, page_size),
                  max_ranges=max_ranges)
         for i in range(receivers)
     ]
