@@ -230,3 +230,25 @@ def test_change_detection_modes_match_rsync(
     assert mtime == expect["mtime"] == os.stat(judge / "f").st_mtime
     first, resent = _wire_data_bytes(res.stderr)
     assert first == 0 or first < 4096  # no file content sent (the manifest only)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("chattr") is None,
+                    reason="an immutable file (chattr +i) needs root")
+def test_a_file_the_target_may_not_replace_is_reported_and_kept(tmp_path: Path,
+                                                               port: int) -> None:
+    """Root ignores permission bits, so the target refuses through the immutable attribute:
+    that file fails with the system's reason, keeps its old copy, and the rest finishes."""
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    _write(src / "locked", b"new content\n", 1_600_000_000)
+    _write(src / "free", b"free to change\n", 1_600_000_000)
+    _write(dest / "locked", b"old content\n", 1_500_000_000)
+    subprocess.run(["chattr", "+i", str(dest / "locked")], check=True)
+    try:
+        res = run_mrsync("-P", str(port), f"{src}/", str(dest))
+    finally:
+        subprocess.run(["chattr", "-i", str(dest / "locked")], check=True)
+    assert res.returncode == exitcodes.PARTIAL, res.stderr
+    assert re.search(r"locked: .*Operation not permitted", res.stderr), res.stderr
+    assert (dest / "locked").read_bytes() == b"old content\n"
+    assert (dest / "free").read_bytes() == b"free to change\n"
+    assert not [n for n in os.listdir(dest) if ".mrsync." in n]
