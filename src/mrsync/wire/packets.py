@@ -147,6 +147,14 @@ def _mac(key: bytes, *parts: bytes | memoryview) -> bytes:
 # decode promises never to raise anything but DecodeError.
 
 
+def _seal(key: bytes, head: bytes, payload: bytes | memoryview) -> bytes:
+    """Header, payload and their MAC, hashed in two parts so the payload is never copied just
+    to be authenticated (this runs for every page and repair symbol sent)."""
+    h = blake3(head, key=key)
+    h.update(payload)
+    return b"".join((head, payload, h.digest(length=MAC_SIZE)))
+
+
 def encode_data(
     key: bytes,
     session: int,
@@ -158,10 +166,7 @@ def encode_data(
 ) -> bytes:
     """One DATA datagram: ``page`` of object ``obj``, send sequence number ``seq``."""
     head = _pack_data(MAGIC, PROTOCOL_VERSION, _DATA_TYPE, session, transfer, seq, obj, page)
-    # Inlined _mac(): this runs for every page sent.
-    h = blake3(head, key=key)
-    h.update(payload)
-    return b"".join((head, payload, h.digest(length=MAC_SIZE)))
+    return _seal(key, head, payload)
 
 
 def encode_parity(
@@ -175,9 +180,7 @@ def encode_parity(
 ) -> bytes:
     """One PARITY datagram: repair symbol ``esi`` of ``block``."""
     head = _pack_data(MAGIC, PROTOCOL_VERSION, _PARITY_TYPE, session, transfer, seq, esi, block)
-    h = blake3(head, key=key)
-    h.update(symbol)
-    return b"".join((head, symbol, h.digest(length=MAC_SIZE)))
+    return _seal(key, head, symbol)
 
 
 def encode_poll(key: bytes, session: int, transfer: int, poll: int, seq: int) -> bytes:
