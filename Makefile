@@ -39,11 +39,12 @@ help:
 
 venv: $(STAMP)
 
-# Re-run pip only when pyproject.toml is newer than the stamp, or the venv is missing.
+# Re-run pip only when the build inputs (pyproject.toml, setup.py, the compiled receive path)
+# are newer than the stamp, or the venv is missing.
 ifeq ($(wildcard $(PY)),)
 $(STAMP): FORCE
 endif
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py src/mrsync/_speedups.c
 	bash scripts/venv.sh $(VENV) $@
 
 .PHONY: FORCE

@@ -450,7 +450,7 @@ class Job:
                 wire += len(datagram)
                 self.reporter.sent(length, action.repair)
             elif isinstance(action, SendParity):
-                symbol = flow.parity.symbol(action.block, action.esi)
+                symbol = flow.parity.symbol(action.block, action.esi, action.due)
                 datagram = encode_parity(self.key, self.session, sender.transfer, action.seq,
                                          action.block, action.esi, symbol)
                 batch.add(datagram, dest)

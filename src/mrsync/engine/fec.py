@@ -70,13 +70,15 @@ class BlockEncoder:
         self._k = len(pages)
         self._cache: dict[int, bytes] = {}
 
-    def symbol(self, esi: int) -> bytes:
+    def symbol(self, esi: int, due: int = 1) -> bytes:
+        """Repair symbol ``esi``; when it must be computed, so are the ``due - 1`` after it
+        (the sender says how many of the block it is about to send)."""
         if not self._k <= esi < MAX_SYMBOLS:
             raise ValueError(f"repair symbol id {esi} out of range for k={self._k}")
         found = self._cache.get(esi)
         if found is None:
-            # Ask for a few at once: repair rounds usually want several symbols of a block.
-            wanted = tuple(range(esi, min(MAX_SYMBOLS, esi + 8)))
+            # All that are due at once: one pass over the block's pages serves them all.
+            wanted = tuple(range(esi, min(MAX_SYMBOLS, esi + max(1, due))))
             for i, sym in zip(wanted, _encoder(self._k).encode(self._pages, wanted),
                               strict=True):
                 self._cache[i] = bytes(sym)

@@ -7,7 +7,10 @@ send this feedback datagram, the transfer is complete.
 
 It keeps one byte per global page (1 = wanted and still missing), so that the ranges it lacks
 come out of ``bytearray.find`` at C speed even for millions of pages, and a per-object count
-of missing pages so that it can say the moment a file is whole.
+of missing pages so that it can say the moment a file is whole. These, and the per-block
+counts, live in flat arrays indexed by object and by block, so that the compiled batch path
+(``receive_batch`` with ``mrsync._speedups``) can work on the very same state: it takes the
+common DATA datagram, and hands anything else, in order, to the Python path below.
 
 Parity (``fec=True``): while a block has wanted pages missing, the receiver keeps every
 symbol of that block it has seen (pages it does not want included: any K symbols decode a
@@ -22,9 +25,12 @@ symbols are spent, or keep getting lost).
 
 from __future__ import annotations
 
+from array import array
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+
+from blake3 import blake3
 
 from mrsync.engine.fec import decode_block, max_repair
 from mrsync.engine.layout import Layout
@@ -40,8 +46,17 @@ from mrsync.wire import (
     decode_data,
     encode_feedback,
 )
+from mrsync.wire.packets import DATA_HEADER_SIZE, MAC_SIZE
+
+try:  # the compiled batch path, when built (see mrsync/speedups.py)
+    from mrsync.speedups import speedups as _speedups
+except ImportError:  # pragma: no cover
+    _speedups = None
 
 _U32_MAX = 0xFFFFFFFF
+_MAX_BATCH = _speedups.MAX_BATCH if _speedups is not None else 256
+_OBJECT_DONE = _speedups.OBJECT_DONE if _speedups is not None else 1
+_BLOCK_DONE = _speedups.BLOCK_DONE if _speedups is not None else 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +125,13 @@ class Receiver:
         self.transfer: int | None = None
         self.layout: Layout | None = None
         self._missing_pages = bytearray()
-        self._missing_in: dict[int, int] = {}  # object -> pages still missing
+        # Per object id (manifest index): first global page, pages, length of the last page,
+        # 1 if this target wants it, its wanted pages still missing.
+        self._first = array("Q")
+        self._npages = array("I")
+        self._last_len = array("I")
+        self._wanted = bytearray()
+        self._obj_missing = array("I")
         self.missing = 0
         self.seq_seen = 0
         self.received = 0  # datagrams of the current transfer that arrived
@@ -118,15 +139,19 @@ class Receiver:
         self._finished: set[int] = set()  # transfers this receiver completed
         # parity state
         self._fec = False
-        self._block_missing: dict[int, int] = {}  # block -> wanted pages missing
-        self._held: dict[int, dict[int, bytes]] = {}  # block -> esi -> symbol
-        self._buffered = 0  # bytes held in _held
+        self._block_missing = array("I")  # block -> wanted pages missing
+        # block -> its symbols as they arrive: [1 if parity is held][K flags][K pages]; the
+        # flat layout lets the compiled path copy pages in. Parity symbols: _parity_held.
+        self._held: dict[int, bytearray] = {}
+        self._parity_held: dict[int, dict[int, bytes]] = {}
+        self._buffered = 0  # bytes of the buffers in _held
         self._page_mode: set[int] = set()  # blocks repaired by page NACKs only
         self._reports: dict[int, int] = {}  # block -> times its need was reported
         self._current_block = -1  # highest block seen: blocks before it are fully sent
-        self._objects: dict[int, tuple[int, int, int]] = {}  # obj -> first, pages, last length
         self._page = 0
         self._block_pages = 1
+        # What the compiled path reports per new page: (index in batch, obj, page, flags).
+        self._scan_out = array("Q", bytes(32 * _MAX_BATCH))
 
     def start_transfer(
         self, transfer: int, layout: Layout, wanted: Iterable[int], *, fec: bool = False
@@ -138,38 +163,47 @@ class Receiver:
         self.received = 0
         self._reported_seq = 0
         self._fec = fec
-        self._block_missing = {}
         self._held = {}
+        self._parity_held = {}
         self._buffered = 0
         self._page_mode = set()
         self._reports = {}
         self._current_block = -1
         missing = bytearray(layout.total_pages)
-        self._missing_in = {}
         bp = layout.block_pages
+        nobj = max(layout.objects, default=-1) + 1
+        self._first = array("Q", bytes(8 * nobj))
+        self._npages = array("I", bytes(4 * nobj))
+        self._last_len = array("I", bytes(4 * nobj))
+        self._wanted = bytearray(nobj)
+        self._obj_missing = array("I", bytes(4 * nobj))
+        self._block_missing = array("I", bytes(4 * layout.total_blocks))
+        for o in layout.objects:
+            n = layout.pages_of(o)
+            if n:
+                self._first[o] = layout.first_page[o]
+                self._npages[o] = n
+                self._last_len[o] = layout.page_length(o, n - 1)
+        self.missing = 0
         for obj in wanted:
             n = layout.pages_of(obj)
-            if n == 0:
+            if n == 0 or self._wanted[obj]:
                 continue
             first = layout.first_page[obj]
             missing[first : first + n] = b"\x01" * n
-            self._missing_in[obj] = n
+            self._wanted[obj] = 1
+            self._obj_missing[obj] = n
+            self.missing += n
             # Wanted pages per block, one block boundary at a time.
             g, end = first, first + n
             while g < end:
                 block = g // bp
                 upto = min(end, (block + 1) * bp)
-                self._block_missing[block] = self._block_missing.get(block, 0) + upto - g
+                self._block_missing[block] += upto - g
                 g = upto
         self._missing_pages = missing
-        self.missing = sum(self._missing_in.values())
         self._page = layout.page_size
         self._block_pages = bp
-        self._objects = {}
-        for o in layout.objects:
-            n = layout.pages_of(o)
-            if n:
-                self._objects[o] = (layout.first_page[o], n, layout.page_length(o, n - 1))
         if self.missing == 0:
             return [self._complete()]
         return []
@@ -194,6 +228,86 @@ class Receiver:
         self.stats.dropped["unexpected"] += 1
         return []
 
+    def receive_batch(
+        self, view: memoryview, slot: int, lengths: array[int], count: int
+    ) -> list[ReceiverAction]:
+        """Datagrams ``view[i*slot : i*slot + lengths[i]]`` for i < count, as received: the
+        same outcome as ``receive_datagram`` on each in turn, which it is when the compiled
+        path is absent. With it, runs of ordinary DATA datagrams are taken in one call, and
+        the first datagram it declines goes through ``receive_datagram`` before it resumes,
+        so the order of processing is the order of arrival either way."""
+        fast = _speedups
+        if fast is None or self.layout is None or self._report_every == 1:
+            # (Reporting every datagram - mrsync-rtt answers each page - leaves nothing to
+            # batch: the Python path does exactly that.)
+            return self._receive_each(view, slot, lengths, 0, count)
+        actions: list[ReceiverAction] = []
+        out = self._scan_out
+        i = 0
+        while i < count:
+            if self.missing:
+                stop, new, seq_max, received, duplicates, unwanted = fast.scan_data(
+                    view, slot, lengths, i, count, self._key, blake3, self._session,
+                    self.transfer, self._page, self._block_pages, self._current_block,
+                    self._first, self._npages, self._last_len, self._wanted,
+                    self._missing_pages, self._obj_missing, self._block_missing,
+                    self._held if self._fec else None, out,
+                )  # fmt: skip
+                if stop > i:
+                    self._took_batch(view, slot, lengths, stop - i, new, seq_max, received,
+                                     duplicates, unwanted, actions)
+                    i = stop
+                    continue
+            actions.extend(self._receive_each(view, slot, lengths, i, i + 1))
+            i += 1
+        return actions
+
+    def _receive_each(
+        self, view: memoryview, slot: int, lengths: array[int], begin: int, end: int
+    ) -> list[ReceiverAction]:
+        actions: list[ReceiverAction] = []
+        for i in range(begin, end):
+            at = i * slot
+            found = self.receive_datagram(view[at : at + lengths[i]], 0.0)
+            if found:
+                actions.extend(found)
+        return actions
+
+    def _took_batch(
+        self, view: memoryview, slot: int, lengths: array[int], taken: int, new: int,
+        seq_max: int, received: int, duplicates: int, unwanted: int,
+        actions: list[ReceiverAction],
+    ) -> None:
+        """Settle what the compiled path did on its own (counts, the missing map, held
+        symbols) and turn the new pages it found into actions, as ``_got_page`` would."""
+        stats = self.stats
+        stats.datagrams += taken
+        stats.duplicates += duplicates
+        stats.unwanted += unwanted
+        self.received += received
+        if seq_max > self.seq_seen:
+            self.seq_seen = seq_max
+        out, page_size, bp, first = self._scan_out, self._page, self._block_pages, self._first
+        written = 0
+        for j in range(0, 4 * new, 4):
+            i, obj, page, flags = out[j], out[j + 1], out[j + 2], out[j + 3]
+            at = i * slot + DATA_HEADER_SIZE
+            payload = view[at : at + lengths[i] - DATA_HEADER_SIZE - MAC_SIZE]
+            written += len(payload)
+            actions.append(WritePage(obj, page, page * page_size, payload))
+            if flags & _OBJECT_DONE:
+                actions.append(ObjectComplete(obj))
+            if flags & _BLOCK_DONE:
+                self._release((first[obj] + page) // bp)
+        stats.pages_written += new
+        stats.bytes_written += written
+        self.missing -= new
+        if new and self.missing == 0:
+            actions.append(SendFeedback(self._feedback(0, (), FLAG_COMPLETE)))
+            actions.append(self._complete())
+        elif self.missing and self.seq_seen - self._reported_seq >= self._report_every:
+            actions.append(SendFeedback(self._feedback(0, (), 0)))
+
     # -- data -------------------------------------------------------------------------------
 
     def _on_data(
@@ -201,12 +315,13 @@ class Receiver:
     ) -> list[ReceiverAction]:
         # This runs for every datagram: checks are inlined against per-object facts computed
         # once in start_transfer (first global page, page count, length of the last page).
-        info = self._objects.get(obj) if transfer == self.transfer else None
-        if info is None:
-            self.stats.dropped["stale" if transfer != self.transfer else "bad-page"] += 1
+        if transfer != self.transfer:
+            self.stats.dropped["stale"] += 1
             return []
-        first, npages, last_len = info
-        if page >= npages or len(payload) != (last_len if page == npages - 1 else self._page):
+        npages = self._npages[obj] if obj < len(self._npages) else 0
+        if page >= npages or len(payload) != (
+            self._last_len[obj] if page == npages - 1 else self._page
+        ):
             self.stats.dropped["bad-page"] += 1
             return []
         layout = self.layout
@@ -215,25 +330,24 @@ class Receiver:
         if seq > self.seq_seen:
             self.seq_seen = seq
         actions: list[ReceiverAction] = []
-        g = first + page
+        g = self._first[obj] + page
         block = g // self._block_pages
         if self._fec:
             if block > self._current_block:
                 self._new_block(block, actions)
-            if self._block_missing.get(block) and block not in self._page_mode:
+            if self._block_missing[block] and block not in self._page_mode:
                 self._hold(block, g - block * self._block_pages, payload)
         if self._missing_pages[g]:
             self._got_page(obj, page, g, payload, actions)
             if self.missing == 0:
                 return actions
-        elif obj in self._missing_in:
+        elif self._wanted[obj]:
             self.stats.duplicates += 1
         else:
             self.stats.unwanted += 1
-        held = self._held.get(block)
-        if held is not None and len(held) >= layout.block_size(block):
+        if block in self._parity_held and self._held_count(block) >= layout.block_size(block):
             # Parity came before this page, which completes the set: decode the rest.
-            self._decode(block, held, actions)
+            self._decode(block, actions)
             if self.missing == 0:
                 return actions
         if self.missing and self.seq_seen - self._reported_seq >= self._report_every:
@@ -253,8 +367,8 @@ class Receiver:
         self.stats.pages_written += 1
         self.stats.bytes_written += len(payload)
         actions.append(WritePage(obj, page, page * layout.page_size, payload))
-        left = self._missing_in[obj] - 1
-        self._missing_in[obj] = left
+        left = self._obj_missing[obj] - 1
+        self._obj_missing[obj] = left
         if left == 0:
             actions.append(ObjectComplete(obj))
         block = g // layout.block_pages
@@ -286,40 +400,70 @@ class Receiver:
         block = pkt.block
         if block > self._current_block:
             self._new_block(block, actions)
-        if not self._block_missing.get(block) or block in self._page_mode:
+        if not self._block_missing[block] or block in self._page_mode:
             return actions  # nothing missing here (or repaired page by page): not for us
-        held = self._hold(block, pkt.esi, pkt.payload)
-        if held is not None and len(held) >= layout.block_size(block):
-            self._decode(block, held, actions)
+        if self._hold(block, pkt.esi, pkt.payload) and (
+            self._held_count(block) >= layout.block_size(block)
+        ):
+            self._decode(block, actions)
         return actions
 
-    def _hold(self, block: int, esi: int, symbol: memoryview | bytes) -> dict[int, bytes] | None:
+    def _hold(self, block: int, esi: int, symbol: memoryview | bytes) -> bool:
+        """Keep a symbol of a block that parity is to repair; False if the block goes page by
+        page instead (memory is spent)."""
         held = self._held.get(block)
         if held is None:
             if self._buffered >= self._max_buffered:
                 self._page_mode.add(block)  # memory is spent: this block goes page by page
-                return None
-            held = self._held[block] = {}
-        if esi not in held:
-            assert self.layout is not None
-            size = self.layout.page_size
-            data = bytes(symbol)
-            if len(data) < size:  # the short last page of an object, as the encoder saw it
-                data += bytes(size - len(data))
-            held[esi] = data
-            self._buffered += size
-        return held
+                return False
+            bp, size = self._block_pages, self._page
+            held = self._held[block] = bytearray(1 + bp + bp * size)
+            self._buffered += len(held)
+        bp = self._block_pages
+        assert self.layout is not None
+        if esi < self.layout.block_size(block):  # a page; repair symbols come after them
+            if not held[1 + esi]:
+                held[1 + esi] = 1
+                at = 1 + bp + esi * self._page
+                # A short last page stays zero-padded, as the encoder saw it.
+                held[at : at + len(symbol)] = symbol
+        else:
+            parity = self._parity_held.setdefault(block, {})
+            if esi not in parity:
+                data = bytes(symbol)
+                if len(data) < self._page:
+                    data += bytes(self._page - len(data))
+                parity[esi] = data
+                self._buffered += self._page
+                held[0] = 1  # tells the compiled path to leave this block to Python
+        return True
+
+    def _held_count(self, block: int) -> int:
+        held = self._held.get(block)
+        if held is None:
+            return 0
+        return held.count(1, 1, 1 + self._block_pages) + len(self._parity_held.get(block, ()))
 
     def _release(self, block: int) -> None:
         held = self._held.pop(block, None)
-        if held is not None and self.layout is not None:
-            self._buffered -= len(held) * self.layout.page_size
+        if held is not None:
+            self._buffered -= len(held)
+        parity = self._parity_held.pop(block, None)
+        if parity is not None:
+            self._buffered -= len(parity) * self._page
 
-    def _decode(self, block: int, held: dict[int, bytes], actions: list[ReceiverAction]) -> None:
+    def _decode(self, block: int, actions: list[ReceiverAction]) -> None:
         layout = self.layout
+        held = self._held[block]
         assert layout is not None
         k = layout.block_size(block)
-        pages = decode_block(k, held)
+        bp, size = self._block_pages, self._page
+        symbols = dict(self._parity_held.get(block, {}))
+        for esi in range(k):
+            if held[1 + esi]:
+                at = 1 + bp + esi * size
+                symbols[esi] = bytes(held[at : at + size])
+        pages = decode_block(k, symbols)
         self.stats.blocks_decoded += 1
         first = block * layout.block_pages
         for g in range(first, first + k):
@@ -347,25 +491,26 @@ class Receiver:
         page repair."""
         assert self.layout is not None
         needs = []
-        for block, held in sorted(self._held.items()):
+        for block in sorted(self._held):
             if before is not None and block >= before:
                 break
-            k = self.layout.block_size(block)
-            if not self._block_missing.get(block) or len(held) >= k:
-                continue
             reports = self._reports.get(block)
+            if before is not None and reports is not None:
+                continue  # already said; the next poll repeats it if need be
+            k = self.layout.block_size(block)
+            count = self._held_count(block)
+            if not self._block_missing[block] or count >= k:
+                continue
             if before is not None:
-                if reports is not None:
-                    continue  # already said; the next poll repeats it if need be
                 self._reports[block] = 0
             else:
                 reports = (reports or 0) + 1
-                if reports > self.MAX_BLOCK_REPORTS or k - len(held) > max_repair(k):
+                if reports > self.MAX_BLOCK_REPORTS or k - count > max_repair(k):
                     self._release(block)
                     self._page_mode.add(block)
                     continue
                 self._reports[block] = reports
-            needs.append((block, k - len(held)))
+            needs.append((block, k - count))
         return needs
 
     # -- polls ------------------------------------------------------------------------------
@@ -442,5 +587,6 @@ class Receiver:
         assert self.transfer is not None
         self._finished.add(self.transfer)
         self._held = {}
+        self._parity_held = {}
         self._buffered = 0
         return TransferComplete(self.transfer)

@@ -73,6 +73,9 @@ class SendParity:
     block: int
     esi: int
     seq: int
+    # Symbols of this block now due, this one included: the encoder computes them together
+    # (its cost grows with the count, so neither one at a time nor more than needed).
+    due: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -373,7 +376,8 @@ class Sender:
 
     def _next_parity(self, now: float) -> SendParity:
         block = self._parity_heap[0]
-        left = self._parity_due[block] - 1
+        due = self._parity_due[block]
+        left = due - 1
         if left:
             self._parity_due[block] = left
         else:
@@ -387,7 +391,7 @@ class Sender:
         self.stats.parity_sent += 1
         self.stats.parity_bytes += self.layout.page_size
         self._pace(now, self.layout.page_size)
-        return SendParity(block, esi, self._seq)
+        return SendParity(block, esi, self._seq, due)
 
     def _add_parity(self, block: int, count: int) -> None:
         # A block has MAX_SYMBOLS symbols in all; when its repair symbols are spent, its

@@ -134,7 +134,7 @@ def simulate(
 
     encoders: dict[int, BlockEncoder] = {}
 
-    def parity_symbol(block: int, esi: int) -> bytes:
+    def parity_symbol(block: int, esi: int, due: int) -> bytes:
         encoder = encoders.get(block)
         if encoder is None:
             k = layout.block_size(block)
@@ -144,7 +144,7 @@ def simulate(
                 page = content(*layout.locate(g))
                 parts.append(page + bytes(page_size - len(page)))
             encoder = encoders[block] = BlockEncoder(parts)
-        return encoder.symbol(esi)
+        return encoder.symbol(esi, due)
 
     def deliver(machine_id: int, datagram: bytes, at: float) -> None:
         nonlocal feedback
@@ -192,7 +192,7 @@ def simulate(
                                        content(sent.obj, sent.page))
             elif isinstance(sent, SendParity):
                 datagram = encode_parity(key, session, transfer, sent.seq, sent.block, sent.esi,
-                                         parity_symbol(sent.block, sent.esi))
+                                         parity_symbol(sent.block, sent.esi, sent.due))
             elif isinstance(sent, SendDatagram):
                 datagram = sent.data
             else:  # pragma: no cover - exhaustive

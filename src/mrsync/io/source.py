@@ -89,7 +89,7 @@ class ParitySymbols:
         self._pages = pages
         self._encoders: OrderedDict[int, BlockEncoder] = OrderedDict()
 
-    def symbol(self, block: int, esi: int) -> bytes:
+    def symbol(self, block: int, esi: int, due: int = 1) -> bytes:
         encoder = self._encoders.get(block)
         if encoder is None:
             layout = self._layout
@@ -107,4 +107,4 @@ class ParitySymbols:
                 self._encoders.popitem(last=False)
         else:
             self._encoders.move_to_end(block)
-        return encoder.symbol(esi)
+        return encoder.symbol(esi, due)

@@ -254,11 +254,16 @@ class TargetSession:
         self.finished = True
 
     def drain(self, batch: BatchReceiver) -> None:
-        receive = self.machine.receive_datagram
-        for datagram in batch.drain():
-            actions = receive(datagram, 0.0)
+        receive = self.machine.receive_batch
+        while True:
+            n = batch.receive()
+            if n == 0:
+                return
+            actions = receive(batch.view, batch.slot, batch.lengths, n)
             if actions:
-                self.perform(actions)
+                self.perform(actions)  # before the next receive reuses the buffer
+            if n < batch.slots:
+                return
 
     def close(self) -> None:
         if self.store is not None:

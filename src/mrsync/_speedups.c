@@ -1,0 +1,346 @@
+/* Compiled hot path of a target: receive a batch of datagrams, and take the common DATA
+ * datagrams through the receiver's bookkeeping without a Python bytecode per datagram.
+ *
+ * Why: each target handles ~18,000 datagrams a second per 200 Mbit/s, and in pure Python each
+ * one cost ~14 us of CPU on the lab (unpack, MAC, five dict updates, a dataclass per page).
+ * With eight targets on two cores that, not the link, set the speed.
+ *
+ * Two functions, both optional: mrsync falls back to pure Python when this module is absent.
+ *
+ *   recv_batch(fd, buffer, slot, lengths) -> n
+ *       I/O: one recvmmsg(2), MSG_DONTWAIT, datagram i into buffer[i*slot:], its length into
+ *       lengths[i] (an array('I')). 0 when nothing is waiting.
+ *
+ *   scan_data(...) -> (stop, new, seq_max, received, duplicates, unwanted)
+ *       No I/O: the pure-Python Receiver._on_data for the case that runs 99% of the time, on
+ *       the receiver's own arrays (see engine/receiver.py, which is the reference and the
+ *       fallback). It walks datagrams start.. of the batch and stops, returning their index, at
+ *       the first one it does not handle: anything but a well-formed authentic DATA datagram of
+ *       the current transfer in a block the receiver has already begun, or one whose block
+ *       holds parity. The caller runs that one through the Python path and calls again after
+ *       it, so datagrams are processed strictly in order whichever path takes them.
+ *
+ * The MAC is checked by calling the blake3 package's own constructor, so that the wire format
+ * has one implementation of its hash.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <errno.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/socket.h>
+
+#define MAX_BATCH 256
+
+/* --- recv_batch ------------------------------------------------------------------------- */
+
+static PyObject *
+recv_batch(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "recv_batch(fd, buffer, slot, lengths)");
+        return NULL;
+    }
+    (void)self;
+    long fd = PyLong_AsLong(args[0]);
+    Py_ssize_t slot = PyLong_AsSsize_t(args[2]);
+    if (PyErr_Occurred())
+        return NULL;
+    Py_buffer buf, lens;
+    if (PyObject_GetBuffer(args[1], &buf, PyBUF_WRITABLE) < 0)
+        return NULL;
+    if (PyObject_GetBuffer(args[3], &lens, PyBUF_WRITABLE | PyBUF_ND | PyBUF_FORMAT) < 0) {
+        PyBuffer_Release(&buf);
+        return NULL;
+    }
+    PyObject *result = NULL;
+    if (lens.itemsize != 4 || slot <= 0 || fd < 0 || fd > INT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "lengths: an array('I'); slot and fd: positive");
+        goto done;
+    }
+    Py_ssize_t slots = buf.len / slot;
+    if (slots > lens.len / 4)
+        slots = lens.len / 4;
+    if (slots > MAX_BATCH)
+        slots = MAX_BATCH;
+    struct mmsghdr msgs[MAX_BATCH];
+    struct iovec iovs[MAX_BATCH];
+    memset(msgs, 0, sizeof(struct mmsghdr) * (size_t)slots);
+    for (Py_ssize_t i = 0; i < slots; i++) {
+        iovs[i].iov_base = (char *)buf.buf + i * slot;
+        iovs[i].iov_len = (size_t)slot;
+        msgs[i].msg_hdr.msg_iov = &iovs[i];
+        msgs[i].msg_hdr.msg_iovlen = 1;
+    }
+    int n;
+    Py_BEGIN_ALLOW_THREADS
+    do {
+        n = recvmmsg((int)fd, msgs, (unsigned int)slots, MSG_DONTWAIT, NULL);
+    } while (n < 0 && errno == EINTR);
+    Py_END_ALLOW_THREADS
+    if (n < 0) {
+        if (errno == EAGAIN || errno == EWOULDBLOCK) {
+            n = 0;
+        } else {
+            PyErr_SetFromErrno(PyExc_OSError);
+            goto done;
+        }
+    }
+    uint32_t *out = (uint32_t *)lens.buf;
+    for (int i = 0; i < n; i++)
+        out[i] = msgs[i].msg_len;
+    result = PyLong_FromLong(n);
+done:
+    PyBuffer_Release(&buf);
+    PyBuffer_Release(&lens);
+    return result;
+}
+
+/* --- scan_data -------------------------------------------------------------------------- */
+
+/* DATA layout (wire/packets.py): "!2sBBQIQIQ" then payload then a 16-byte MAC. */
+#define DATA_HEADER 36
+#define MAC_SIZE 16
+#define DATA_TYPE 1
+
+/* Flags of a new page (out[4*j + 3]): the page completed its object / its block. */
+#define OBJECT_DONE 1
+#define BLOCK_DONE 2
+
+static inline uint32_t be32(const unsigned char *p)
+{
+    return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | p[3];
+}
+
+static inline uint64_t be64(const unsigned char *p)
+{
+    return ((uint64_t)be32(p) << 32) | be32(p + 4);
+}
+
+static PyObject *str_key, *str_digest, *kwnames_key;
+
+/* 1 if the MAC is right, 0 if not, -1 on a Python error. */
+static int
+mac_ok(PyObject *blake3_type, PyObject *key, const unsigned char *data, Py_ssize_t len)
+{
+    PyObject *view = PyMemoryView_FromMemory((char *)data, len - MAC_SIZE, PyBUF_READ);
+    if (view == NULL)
+        return -1;
+    PyObject *callargs[3] = {NULL, view, key};
+    PyObject *hasher = PyObject_Vectorcall(blake3_type, callargs + 1,
+                                           1 | PY_VECTORCALL_ARGUMENTS_OFFSET, kwnames_key);
+    Py_DECREF(view);
+    if (hasher == NULL)
+        return -1;
+    PyObject *digest = PyObject_CallMethodNoArgs(hasher, str_digest);
+    Py_DECREF(hasher);
+    if (digest == NULL)
+        return -1;
+    int ok = 0;
+    if (PyBytes_Check(digest) && PyBytes_GET_SIZE(digest) >= MAC_SIZE) {
+        /* constant time: a forger learns nothing from when the comparison stops */
+        const unsigned char *want = (const unsigned char *)PyBytes_AS_STRING(digest);
+        const unsigned char *got = data + len - MAC_SIZE;
+        unsigned char diff = 0;
+        for (int i = 0; i < MAC_SIZE; i++)
+            diff |= (unsigned char)(want[i] ^ got[i]);
+        ok = diff == 0;
+    }
+    Py_DECREF(digest);
+    return ok;
+}
+
+enum {
+    A_BUF, A_SLOT, A_LENS, A_START, A_COUNT, A_KEY, A_BLAKE3, A_SESSION, A_TRANSFER,
+    A_PAGE_SIZE, A_BLOCK_PAGES, A_CURRENT_BLOCK, A_FIRST, A_NPAGES, A_LAST_LEN, A_WANTED,
+    A_MISSING, A_OBJ_MISSING, A_BLOCK_MISSING, A_HELD, A_OUT, A_NARGS
+};
+
+static PyObject *
+scan_data(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)self;
+    if (nargs != A_NARGS) {
+        PyErr_SetString(PyExc_TypeError, "scan_data: wrong number of arguments");
+        return NULL;
+    }
+    Py_ssize_t slot = PyLong_AsSsize_t(args[A_SLOT]);
+    Py_ssize_t start = PyLong_AsSsize_t(args[A_START]);
+    Py_ssize_t count = PyLong_AsSsize_t(args[A_COUNT]);
+    uint64_t session = PyLong_AsUnsignedLongLong(args[A_SESSION]);
+    long long transfer = PyLong_AsLongLong(args[A_TRANSFER]);
+    Py_ssize_t page_size = PyLong_AsSsize_t(args[A_PAGE_SIZE]);
+    Py_ssize_t block_pages = PyLong_AsSsize_t(args[A_BLOCK_PAGES]);
+    long long current_block = PyLong_AsLongLong(args[A_CURRENT_BLOCK]);
+    if (PyErr_Occurred())
+        return NULL;
+    PyObject *key = args[A_KEY], *blake3_type = args[A_BLAKE3], *held = args[A_HELD];
+    if (held != Py_None && !PyDict_Check(held)) {
+        PyErr_SetString(PyExc_TypeError, "held must be a dict or None");
+        return NULL;
+    }
+    if (slot <= 0 || page_size <= 0 || block_pages <= 0) {
+        PyErr_SetString(PyExc_ValueError, "slot, page size and block pages must be positive");
+        return NULL;
+    }
+
+    /* buffers: 0 buf, 1 lens(I), 2 first(Q), 3 npages(I), 4 last_len(I), 5 wanted(B),
+     * 6 missing(B), 7 obj_missing(I), 8 block_missing(I), 9 out(Q) */
+    static const int which[10] = {A_BUF, A_LENS, A_FIRST, A_NPAGES, A_LAST_LEN, A_WANTED,
+                                  A_MISSING, A_OBJ_MISSING, A_BLOCK_MISSING, A_OUT};
+    static const int itemsize[10] = {1, 4, 8, 4, 4, 1, 1, 4, 4, 8};
+    static const int writable[10] = {0, 0, 0, 0, 0, 0, 1, 1, 1, 1};
+    Py_buffer b[10];
+    int got = 0;
+    PyObject *result = NULL;
+    for (; got < 10; got++) {
+        int flags = PyBUF_ND | PyBUF_FORMAT | (writable[got] ? PyBUF_WRITABLE : 0);
+        if (PyObject_GetBuffer(args[which[got]], &b[got], flags) < 0)
+            goto done;
+        if (b[got].itemsize != itemsize[got]) {
+            PyErr_Format(PyExc_ValueError, "scan_data: argument %d has item size %zd, not %d",
+                         which[got], b[got].itemsize, itemsize[got]);
+            got++;
+            goto done;
+        }
+    }
+    const unsigned char *buf = b[0].buf;
+    const uint32_t *lens = b[1].buf;
+    const uint64_t *first = b[2].buf;
+    const uint32_t *npages = b[3].buf;
+    const uint32_t *last_len = b[4].buf;
+    const unsigned char *wanted = b[5].buf;
+    unsigned char *missing = b[6].buf;
+    uint32_t *obj_missing = b[7].buf;
+    uint32_t *block_missing = b[8].buf;
+    uint64_t *out = b[9].buf;
+    Py_ssize_t n_lens = b[1].len / 4, n_objects = b[3].len / 4, n_pages = b[6].len;
+    Py_ssize_t n_blocks = b[8].len / 4, out_cap = b[9].len / 32;
+    if (b[2].len / 8 < n_objects || b[4].len / 4 < n_objects || b[5].len < n_objects ||
+        b[7].len / 4 < n_objects) {
+        PyErr_SetString(PyExc_ValueError, "scan_data: per-object arrays differ in length");
+        goto done;
+    }
+    if (count > n_lens || count * slot > b[0].len)
+        count = 0; /* inconsistent: let the caller's Python path handle everything */
+
+    Py_ssize_t i = start, nnew = 0;
+    uint64_t seq_max = 0;
+    long long received = 0, duplicates = 0, unwanted = 0;
+    for (; i < count && nnew < out_cap; i++) {
+        const unsigned char *d = buf + i * slot;
+        Py_ssize_t len = lens[i];
+        if (len < DATA_HEADER + MAC_SIZE || len > slot || d[0] != 'M' || d[1] != 'R' ||
+            d[2] != MRSYNC_PROTOCOL_VERSION || d[3] != DATA_TYPE || be64(d + 4) != session)
+            break;
+        uint32_t t = be32(d + 12);
+        uint64_t seq = be64(d + 16);
+        uint32_t obj = be32(d + 24);
+        uint64_t page = be64(d + 28);
+        Py_ssize_t payload = len - DATA_HEADER - MAC_SIZE;
+        if ((long long)t != transfer || obj >= n_objects || page >= npages[obj] ||
+            payload != (page == npages[obj] - 1 ? (Py_ssize_t)last_len[obj] : page_size))
+            break;
+        uint64_t g = first[obj] + page;
+        uint64_t block = g / (uint64_t)block_pages;
+        if (g >= (uint64_t)n_pages || block >= (uint64_t)n_blocks)
+            break;
+        if (held != Py_None && (long long)block > current_block)
+            break; /* a new block: the Python path reports on the blocks before it */
+        unsigned char *hold = NULL;
+        if (held != Py_None && block_missing[block]) {
+            /* This block is to be repaired by parity: keep its symbol, as _hold does. */
+            PyObject *k = PyLong_FromUnsignedLongLong(block);
+            if (k == NULL)
+                goto done;
+            PyObject *h = PyDict_GetItemWithError(held, k);
+            Py_DECREF(k);
+            if (h == NULL) {
+                if (PyErr_Occurred())
+                    goto done;
+                break; /* not begun, or repaired page by page */
+            }
+            if (!PyByteArray_Check(h) ||
+                PyByteArray_GET_SIZE(h) < 1 + block_pages + block_pages * page_size)
+                break;
+            hold = (unsigned char *)PyByteArray_AS_STRING(h);
+            if (hold[0])
+                break; /* parity is held for it: the Python path decides when to decode */
+        }
+        int mac = mac_ok(blake3_type, key, d, len);
+        if (mac < 0)
+            goto done;
+        if (!mac)
+            break; /* the Python path names the reason and counts the drop */
+        /* Accepted. */
+        received++;
+        if (seq > seq_max)
+            seq_max = seq;
+        if (hold != NULL) {
+            Py_ssize_t esi = (Py_ssize_t)(g - block * (uint64_t)block_pages);
+            if (!hold[1 + esi]) {
+                hold[1 + esi] = 1;
+                memcpy(hold + 1 + block_pages + esi * page_size, d + DATA_HEADER,
+                       (size_t)payload);
+            }
+        }
+        if (missing[g]) {
+            missing[g] = 0;
+            uint64_t flags = 0;
+            if (--obj_missing[obj] == 0)
+                flags |= OBJECT_DONE;
+            if (--block_missing[block] == 0)
+                flags |= BLOCK_DONE;
+            out[4 * nnew] = (uint64_t)i;
+            out[4 * nnew + 1] = obj;
+            out[4 * nnew + 2] = page;
+            out[4 * nnew + 3] = flags;
+            nnew++;
+        } else if (wanted[obj]) {
+            duplicates++;
+        } else {
+            unwanted++;
+        }
+    }
+    result = Py_BuildValue("nnKLLL", i, nnew, (unsigned long long)seq_max, received,
+                           duplicates, unwanted);
+done:
+    for (int j = 0; j < got; j++)
+        PyBuffer_Release(&b[j]);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"recv_batch", (PyCFunction)(void (*)(void))recv_batch, METH_FASTCALL,
+     "recv_batch(fd, buffer, slot, lengths) -> datagrams received (recvmmsg, MSG_DONTWAIT)"},
+    {"scan_data", (PyCFunction)(void (*)(void))scan_data, METH_FASTCALL,
+     "The receiver's common DATA path over a batch; see engine/receiver.py."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "mrsync._speedups",
+    "Compiled receive path of a target (optional; pure Python otherwise).", -1, methods,
+    NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC
+PyInit__speedups(void)
+{
+    str_key = PyUnicode_InternFromString("key");
+    str_digest = PyUnicode_InternFromString("digest");
+    kwnames_key = PyTuple_Pack(1, str_key);
+    if (str_key == NULL || str_digest == NULL || kwnames_key == NULL)
+        return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL)
+        return NULL;
+    if (PyModule_AddIntConstant(m, "PROTOCOL_VERSION", MRSYNC_PROTOCOL_VERSION) < 0 ||
+        PyModule_AddIntConstant(m, "OBJECT_DONE", OBJECT_DONE) < 0 ||
+        PyModule_AddIntConstant(m, "BLOCK_DONE", BLOCK_DONE) < 0 ||
+        PyModule_AddIntConstant(m, "MAX_BATCH", MAX_BATCH) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
