@@ -25,6 +25,7 @@ from mrsync.engine.receiver import (
     SendFeedback,
     TransferComplete,
     WritePage,
+    WritePages,
 )
 from mrsync.io.batchrecv import BatchReceiver
 from mrsync.speedups import speedups
@@ -99,6 +100,11 @@ def _summary(actions: list[ReceiverAction]) -> list[Any]:
     for action in actions:
         if isinstance(action, WritePage):
             result.append(("write", action.obj, action.page, action.offset, bytes(action.data)))
+        elif isinstance(action, WritePages):  # one entry per page, as WritePage gives them
+            offset = action.offset
+            for data in action.data:
+                result.append(("write", action.obj, offset // PAGE, offset, bytes(data)))
+                offset += len(data)
         elif isinstance(action, SendFeedback):
             result.append(("feedback", bytes(action.data)))
         elif isinstance(action, ObjectComplete | TransferComplete):
@@ -191,8 +197,12 @@ def test_batch_path_is_what_runs() -> None:
         lengths[page] = len(d)
     actions = r.receive_batch(memoryview(buf), SLOT, lengths, 64)
     assert r.missing == 0
-    assert sum(isinstance(a, WritePage) for a in actions) == 64
     assert calls == 0
+    # One run of 64 pages, then the object is whole.
+    assert [type(a).__name__ for a in actions[:2]] == ["WritePages", "ObjectComplete"]
+    first = actions[0]
+    assert isinstance(first, WritePages) and first.offset == 0
+    assert [bytes(d) for d in first.data] == [bytes([p]) * PAGE for p in range(64)]
 
 
 def test_python_fallback_gives_the_same_pages(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -68,6 +68,16 @@ class WritePage:
 
 
 @dataclass(frozen=True, slots=True)
+class WritePages:
+    """Consecutive pages of one object, the first at ``offset``: what the batch path finds in
+    one batch, written with one call instead of an action per page."""
+
+    obj: int
+    offset: int
+    data: list[memoryview]  # views into the receive buffer: consume before the next call
+
+
+@dataclass(frozen=True, slots=True)
 class ObjectComplete:
     obj: int
 
@@ -82,7 +92,7 @@ class TransferComplete:
     transfer: int
 
 
-ReceiverAction = WritePage | ObjectComplete | SendFeedback | TransferComplete
+ReceiverAction = WritePage | WritePages | ObjectComplete | SendFeedback | TransferComplete
 
 
 @dataclass
@@ -289,16 +299,26 @@ class Receiver:
             self.seq_seen = seq_max
         out, page_size, bp, first = self._scan_out, self._page, self._block_pages, self._first
         written = 0
+        run: list[memoryview] = []  # consecutive pages of run_obj from run_page on
+        run_obj = run_page = -1
         for j in range(0, 4 * new, 4):
             i, obj, page, flags = out[j], out[j + 1], out[j + 2], out[j + 3]
             at = i * slot + DATA_HEADER_SIZE
             payload = view[at : at + lengths[i] - DATA_HEADER_SIZE - MAC_SIZE]
             written += len(payload)
-            actions.append(WritePage(obj, page, page * page_size, payload))
+            if obj != run_obj or page != run_page + len(run):
+                if run:
+                    actions.append(WritePages(run_obj, run_page * page_size, run))
+                run, run_obj, run_page = [], obj, page
+            run.append(payload)
             if flags & _OBJECT_DONE:
+                actions.append(WritePages(run_obj, run_page * page_size, run))
+                run, run_obj = [], -1
                 actions.append(ObjectComplete(obj))
             if flags & _BLOCK_DONE:
                 self._release((first[obj] + page) // bp)
+        if run:
+            actions.append(WritePages(run_obj, run_page * page_size, run))
         stats.pages_written += new
         stats.bytes_written += written
         self.missing -= new

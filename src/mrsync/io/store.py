@@ -344,6 +344,15 @@ class FileStore:
             return  # a hole already reads as zeros: keep sparse files sparse
         self._pending = (file_id, offset, bytearray(view), entry.size)
 
+    def write_pages(
+        self, file_id: int, offset: int, pages: list[memoryview] | list[bytes]
+    ) -> None:
+        """:meth:`write` for consecutive pages, the first at ``offset``."""
+        write = self.write
+        for page in pages:
+            write(file_id, offset, page)
+            offset += len(page)
+
     def flush(self) -> None:
         """Write out gathered pages."""
         pending = self._pending

@@ -44,6 +44,7 @@ from mrsync.engine.receiver import (
     SendFeedback,
     TransferComplete,
     WritePage,
+    WritePages,
 )
 from mrsync.io.batchrecv import BatchReceiver
 from mrsync.io.net import (
@@ -158,7 +159,16 @@ class TargetSession:
 
     def perform(self, actions: list[ReceiverAction]) -> None:
         for action in actions:
-            if isinstance(action, WritePage):
+            if isinstance(action, WritePages):
+                if self.kind == "data":
+                    assert self.store is not None
+                    self.store.write_pages(action.obj, action.offset, action.data)
+                elif self.kind == "manifest":
+                    at = action.offset
+                    for page in action.data:
+                        self.blob[at : at + len(page)] = page
+                        at += len(page)
+            elif isinstance(action, WritePage):
                 if self.kind == "manifest":
                     end = action.offset + len(action.data)
                     self.blob[action.offset : end] = action.data
