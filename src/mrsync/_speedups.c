@@ -11,7 +11,7 @@
  *       I/O: one recvmmsg(2), MSG_DONTWAIT, datagram i into buffer[i*slot:], its length into
  *       lengths[i] (an array('I')). 0 when nothing is waiting.
  *
- *   scan_data(...) -> (stop, new, seq_max, received, duplicates, unwanted)
+ *   scan_data(...) -> (stop, new, seq_max, received, duplicates, unwanted, new_bytes)
  *       No I/O: the pure-Python Receiver._on_data for the case that runs 99% of the time, on
  *       the receiver's own arrays (see engine/receiver.py, which is the reference and the
  *       fallback). It walks datagrams start.. of the batch and stops, returning their index, at
@@ -19,9 +19,12 @@
  *       the current transfer in a block the receiver has already begun, or one whose block
  *       holds parity. The caller runs that one through the Python path and calls again after
  *       it, so datagrams are processed strictly in order whichever path takes them.
+ *       New pages are appended to ``runs`` as (obj, offset, [payload views], object_done):
+ *       consecutive pages of one object, the views into the batch buffer; blocks whose last
+ *       missing page came are appended to ``released``.
  *
- * The MAC is checked by calling the blake3 package's own constructor, so that the wire format
- * has one implementation of its hash.
+ * The MAC is checked with the blake3 package's own hasher (a keyed one, reset per datagram), so
+ * that the wire format has one implementation of its hash.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -31,6 +34,9 @@
 #include <sys/socket.h>
 
 #define MAX_BATCH 256
+/* Bumped whenever a function here changes its arguments or results (mrsync/speedups.py
+ * refuses a module built from other sources). */
+#define API_VERSION 3
 
 /* --- recv_batch ------------------------------------------------------------------------- */
 
@@ -103,9 +109,45 @@ done:
 #define MAC_SIZE 16
 #define DATA_TYPE 1
 
-/* Flags of a new page (out[4*j + 3]): the page completed its object / its block. */
-#define OBJECT_DONE 1
-#define BLOCK_DONE 2
+/* A run of new pages being gathered: consecutive pages of one object. */
+struct run {
+    long long obj;      /* -1: none */
+    uint64_t first;     /* its first page */
+    uint64_t next;      /* the page that would extend it */
+    PyObject *pages;    /* list of memoryviews of the payloads */
+};
+
+/* Append (obj, offset, pages, object_done) to ``runs`` and start afresh. 0, or -1 on error. */
+static int
+run_flush(struct run *run, PyObject *runs, Py_ssize_t page_size, int object_done)
+{
+    if (run->obj < 0)
+        return 0;
+    PyObject *t = Py_BuildValue("LKOi", run->obj, (unsigned long long)(run->first * page_size),
+                                run->pages, object_done);
+    Py_CLEAR(run->pages);
+    run->obj = -1;
+    if (t == NULL)
+        return -1;
+    int rc = PyList_Append(runs, t);
+    Py_DECREF(t);
+    return rc;
+}
+
+/* view[start:stop], a memoryview that keeps the receive buffer alive while it exists. */
+static PyObject *
+subview(PyObject *view, Py_ssize_t start, Py_ssize_t stop)
+{
+    PyObject *lo = PyLong_FromSsize_t(start), *hi = PyLong_FromSsize_t(stop);
+    PyObject *slice = (lo && hi) ? PySlice_New(lo, hi, NULL) : NULL;
+    Py_XDECREF(lo);
+    Py_XDECREF(hi);
+    if (slice == NULL)
+        return NULL;
+    PyObject *sub = PyObject_GetItem(view, slice);
+    Py_DECREF(slice);
+    return sub;
+}
 
 static inline uint32_t be32(const unsigned char *p)
 {
@@ -117,23 +159,27 @@ static inline uint64_t be64(const unsigned char *p)
     return ((uint64_t)be32(p) << 32) | be32(p + 4);
 }
 
-static PyObject *str_key, *str_digest, *kwnames_key;
+static PyObject *str_reset, *str_update, *str_digest;
 
-/* 1 if the MAC is right, 0 if not, -1 on a Python error. */
+/* 1 if the MAC is right, 0 if not, -1 on a Python error. ``hasher`` is a blake3 object made
+ * with the session key: reset, it hashes as a new keyed hasher would, without the cost of
+ * making one per datagram. */
 static int
-mac_ok(PyObject *blake3_type, PyObject *key, const unsigned char *data, Py_ssize_t len)
+mac_ok(PyObject *hasher, const unsigned char *data, Py_ssize_t len)
 {
+    PyObject *r = PyObject_CallMethodNoArgs(hasher, str_reset);
+    if (r == NULL)
+        return -1;
+    Py_DECREF(r);
     PyObject *view = PyMemoryView_FromMemory((char *)data, len - MAC_SIZE, PyBUF_READ);
     if (view == NULL)
         return -1;
-    PyObject *callargs[3] = {NULL, view, key};
-    PyObject *hasher = PyObject_Vectorcall(blake3_type, callargs + 1,
-                                           1 | PY_VECTORCALL_ARGUMENTS_OFFSET, kwnames_key);
+    r = PyObject_CallMethodOneArg(hasher, str_update, view);
     Py_DECREF(view);
-    if (hasher == NULL)
+    if (r == NULL)
         return -1;
+    Py_DECREF(r);
     PyObject *digest = PyObject_CallMethodNoArgs(hasher, str_digest);
-    Py_DECREF(hasher);
     if (digest == NULL)
         return -1;
     int ok = 0;
@@ -151,9 +197,9 @@ mac_ok(PyObject *blake3_type, PyObject *key, const unsigned char *data, Py_ssize
 }
 
 enum {
-    A_BUF, A_SLOT, A_LENS, A_START, A_COUNT, A_KEY, A_BLAKE3, A_SESSION, A_TRANSFER,
+    A_BUF, A_SLOT, A_LENS, A_START, A_COUNT, A_HASHER, A_SESSION, A_TRANSFER,
     A_PAGE_SIZE, A_BLOCK_PAGES, A_CURRENT_BLOCK, A_FIRST, A_NPAGES, A_LAST_LEN, A_WANTED,
-    A_MISSING, A_OBJ_MISSING, A_BLOCK_MISSING, A_HELD, A_OUT, A_NARGS
+    A_MISSING, A_OBJ_MISSING, A_BLOCK_MISSING, A_HELD, A_RUNS, A_RELEASED, A_NARGS
 };
 
 static PyObject *
@@ -174,7 +220,7 @@ scan_data(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     long long current_block = PyLong_AsLongLong(args[A_CURRENT_BLOCK]);
     if (PyErr_Occurred())
         return NULL;
-    PyObject *key = args[A_KEY], *blake3_type = args[A_BLAKE3], *held = args[A_HELD];
+    PyObject *hasher = args[A_HASHER], *held = args[A_HELD];
     if (held != Py_None && !PyDict_Check(held)) {
         PyErr_SetString(PyExc_TypeError, "held must be a dict or None");
         return NULL;
@@ -186,14 +232,20 @@ scan_data(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 
     /* buffers: 0 buf, 1 lens(I), 2 first(Q), 3 npages(I), 4 last_len(I), 5 wanted(B),
      * 6 missing(B), 7 obj_missing(I), 8 block_missing(I), 9 out(Q) */
-    static const int which[10] = {A_BUF, A_LENS, A_FIRST, A_NPAGES, A_LAST_LEN, A_WANTED,
-                                  A_MISSING, A_OBJ_MISSING, A_BLOCK_MISSING, A_OUT};
-    static const int itemsize[10] = {1, 4, 8, 4, 4, 1, 1, 4, 4, 8};
-    static const int writable[10] = {0, 0, 0, 0, 0, 0, 1, 1, 1, 1};
-    Py_buffer b[10];
+    PyObject *runs = args[A_RUNS], *released = args[A_RELEASED];
+    if (!PyList_Check(runs) || !PyList_Check(released)) {
+        PyErr_SetString(PyExc_TypeError, "runs and released must be lists");
+        return NULL;
+    }
+    static const int which[9] = {A_BUF, A_LENS, A_FIRST, A_NPAGES, A_LAST_LEN, A_WANTED,
+                                 A_MISSING, A_OBJ_MISSING, A_BLOCK_MISSING};
+    static const int itemsize[9] = {1, 4, 8, 4, 4, 1, 1, 4, 4};
+    static const int writable[9] = {0, 0, 0, 0, 0, 0, 1, 1, 1};
+    Py_buffer b[9];
+    struct run run = {-1, 0, 0, NULL};
     int got = 0;
     PyObject *result = NULL;
-    for (; got < 10; got++) {
+    for (; got < 9; got++) {
         int flags = PyBUF_ND | PyBUF_FORMAT | (writable[got] ? PyBUF_WRITABLE : 0);
         if (PyObject_GetBuffer(args[which[got]], &b[got], flags) < 0)
             goto done;
@@ -213,9 +265,8 @@ scan_data(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     unsigned char *missing = b[6].buf;
     uint32_t *obj_missing = b[7].buf;
     uint32_t *block_missing = b[8].buf;
-    uint64_t *out = b[9].buf;
     Py_ssize_t n_lens = b[1].len / 4, n_objects = b[3].len / 4, n_pages = b[6].len;
-    Py_ssize_t n_blocks = b[8].len / 4, out_cap = b[9].len / 32;
+    Py_ssize_t n_blocks = b[8].len / 4;
     if (b[2].len / 8 < n_objects || b[4].len / 4 < n_objects || b[5].len < n_objects ||
         b[7].len / 4 < n_objects) {
         PyErr_SetString(PyExc_ValueError, "scan_data: per-object arrays differ in length");
@@ -224,10 +275,10 @@ scan_data(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     if (count > n_lens || count * slot > b[0].len)
         count = 0; /* inconsistent: let the caller's Python path handle everything */
 
-    Py_ssize_t i = start, nnew = 0;
+    Py_ssize_t i = start, nnew = 0, bytes_new = 0;
     uint64_t seq_max = 0;
     long long received = 0, duplicates = 0, unwanted = 0;
-    for (; i < count && nnew < out_cap; i++) {
+    for (; i < count; i++) {
         const unsigned char *d = buf + i * slot;
         Py_ssize_t len = lens[i];
         if (len < DATA_HEADER + MAC_SIZE || len > slot || d[0] != 'M' || d[1] != 'R' ||
@@ -267,7 +318,7 @@ scan_data(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             if (hold[0])
                 break; /* parity is held for it: the Python path decides when to decode */
         }
-        int mac = mac_ok(blake3_type, key, d, len);
+        int mac = mac_ok(hasher, d, len);
         if (mac < 0)
             goto done;
         if (!mac)
@@ -285,26 +336,51 @@ scan_data(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             }
         }
         if (missing[g]) {
+            /* A new page: into the run (as _got_page would write it), and settle counts. */
+            if ((long long)obj != run.obj || page != run.next) {
+                if (run_flush(&run, runs, page_size, 0) < 0)
+                    goto done;
+                run.pages = PyList_New(0);
+                if (run.pages == NULL)
+                    goto done;
+                run.obj = obj;
+                run.first = run.next = page;
+            }
+            PyObject *pv = subview(args[A_BUF], i * slot + DATA_HEADER,
+                                   i * slot + DATA_HEADER + payload);
+            if (pv == NULL)
+                goto done;
+            int rc = PyList_Append(run.pages, pv);
+            Py_DECREF(pv);
+            if (rc < 0)
+                goto done;
+            run.next++;
             missing[g] = 0;
-            uint64_t flags = 0;
-            if (--obj_missing[obj] == 0)
-                flags |= OBJECT_DONE;
-            if (--block_missing[block] == 0)
-                flags |= BLOCK_DONE;
-            out[4 * nnew] = (uint64_t)i;
-            out[4 * nnew + 1] = obj;
-            out[4 * nnew + 2] = page;
-            out[4 * nnew + 3] = flags;
             nnew++;
+            bytes_new += payload;
+            if (--block_missing[block] == 0) {
+                PyObject *bk = PyLong_FromUnsignedLongLong(block);
+                if (bk == NULL)
+                    goto done;
+                rc = PyList_Append(released, bk);
+                Py_DECREF(bk);
+                if (rc < 0)
+                    goto done;
+            }
+            if (--obj_missing[obj] == 0 && run_flush(&run, runs, page_size, 1) < 0)
+                goto done;
         } else if (wanted[obj]) {
             duplicates++;
         } else {
             unwanted++;
         }
     }
-    result = Py_BuildValue("nnKLLL", i, nnew, (unsigned long long)seq_max, received,
-                           duplicates, unwanted);
+    if (run_flush(&run, runs, page_size, 0) < 0)
+        goto done;
+    result = Py_BuildValue("nnKLLLn", i, nnew, (unsigned long long)seq_max, received,
+                           duplicates, unwanted, bytes_new);
 done:
+    Py_XDECREF(run.pages);
     for (int j = 0; j < got; j++)
         PyBuffer_Release(&b[j]);
     return result;
@@ -327,17 +403,16 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC
 PyInit__speedups(void)
 {
-    str_key = PyUnicode_InternFromString("key");
+    str_reset = PyUnicode_InternFromString("reset");
+    str_update = PyUnicode_InternFromString("update");
     str_digest = PyUnicode_InternFromString("digest");
-    kwnames_key = PyTuple_Pack(1, str_key);
-    if (str_key == NULL || str_digest == NULL || kwnames_key == NULL)
+    if (str_reset == NULL || str_update == NULL || str_digest == NULL)
         return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;
     if (PyModule_AddIntConstant(m, "PROTOCOL_VERSION", MRSYNC_PROTOCOL_VERSION) < 0 ||
-        PyModule_AddIntConstant(m, "OBJECT_DONE", OBJECT_DONE) < 0 ||
-        PyModule_AddIntConstant(m, "BLOCK_DONE", BLOCK_DONE) < 0 ||
+        PyModule_AddIntConstant(m, "API_VERSION", API_VERSION) < 0 ||
         PyModule_AddIntConstant(m, "MAX_BATCH", MAX_BATCH) < 0) {
         Py_DECREF(m);
         return NULL;

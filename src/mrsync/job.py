@@ -136,6 +136,8 @@ class Flow:
     source: BlobPages | FilePages
     dest: Address
     parity: ParitySymbols
+    catch_up: bool = False  # a sat-out target's own unicast flow
+    first_pass_logged: bool = False
 
 
 @dataclass
@@ -366,7 +368,8 @@ class Job:
                 addr: Address = (t.hello.address, t.hello.data_port) if (
                     ep.family == socket.AF_INET) else (t.hello.address, t.hello.data_port, 0, 0)
                 source = open_source()
-                flows.append(Flow(catchup, source, addr, ParitySymbols(layout, source)))
+                flows.append(Flow(catchup, source, addr, ParitySymbols(layout, source),
+                                  catch_up=True))
             self._run_flows(flows, f"{what} catch-up")
             for t in behind:
                 if t.alive:
@@ -423,6 +426,9 @@ class Job:
         wait = 0.25
         for flow in self.flows:
             self._step(flow, now)
+            if not (flow.first_pass_logged or flow.catch_up) and flow.sender.first_pass_done:
+                flow.first_pass_logged = True  # what follows is repair: say when it began
+                self.reporter.log(2, f"transfer {flow.sender.transfer}: every page sent once")
             # Measured from after the step: sleeping as long as the step took would halve
             # the send rate.
             after = time.monotonic()

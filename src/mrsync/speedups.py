@@ -13,6 +13,8 @@ from types import ModuleType
 
 from mrsync import PROTOCOL_VERSION
 
+API_VERSION = 3  # of _speedups.c's functions, which defines its own to match
+
 
 def _load() -> ModuleType | None:
     if os.environ.get("MRSYNC_PURE_PYTHON", "") not in ("", "0"):
@@ -21,8 +23,11 @@ def _load() -> ModuleType | None:
         from mrsync import _speedups  # type: ignore[attr-defined]
     except ImportError:
         return None
-    if getattr(_speedups, "PROTOCOL_VERSION", None) != PROTOCOL_VERSION:
-        return None  # built from an older source tree: not to be trusted with the wire format
+    if (
+        getattr(_speedups, "PROTOCOL_VERSION", None) != PROTOCOL_VERSION
+        or getattr(_speedups, "API_VERSION", None) != API_VERSION
+    ):
+        return None  # built from other sources: not to be trusted with the wire format
     return _speedups  # type: ignore[no-any-return]
 
 

@@ -46,7 +46,6 @@ from mrsync.wire import (
     decode_data,
     encode_feedback,
 )
-from mrsync.wire.packets import DATA_HEADER_SIZE, MAC_SIZE
 
 try:  # the compiled batch path, when built (see mrsync/speedups.py)
     from mrsync.speedups import speedups as _speedups
@@ -54,9 +53,6 @@ except ImportError:  # pragma: no cover
     _speedups = None
 
 _U32_MAX = 0xFFFFFFFF
-_MAX_BATCH = _speedups.MAX_BATCH if _speedups is not None else 256
-_OBJECT_DONE = _speedups.OBJECT_DONE if _speedups is not None else 1
-_BLOCK_DONE = _speedups.BLOCK_DONE if _speedups is not None else 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +123,7 @@ class Receiver:
         self.receiver_id = receiver_id
         self.stats = ReceiverStats()
         self._key = key
+        self._mac_hasher = blake3(key=key)  # the compiled path resets and reuses it
         self._session = session
         self._report_every = max(1, report_every)
         self._max_ranges = max(1, max_ranges)
@@ -160,8 +157,6 @@ class Receiver:
         self._current_block = -1  # highest block seen: blocks before it are fully sent
         self._page = 0
         self._block_pages = 1
-        # What the compiled path reports per new page: (index in batch, obj, page, flags).
-        self._scan_out = array("Q", bytes(32 * _MAX_BATCH))
 
     def start_transfer(
         self, transfer: int, layout: Layout, wanted: Iterable[int], *, fec: bool = False
@@ -252,20 +247,23 @@ class Receiver:
             # batch: the Python path does exactly that.)
             return self._receive_each(view, slot, lengths, 0, count)
         actions: list[ReceiverAction] = []
-        out = self._scan_out
+        runs: list[tuple[int, int, list[memoryview], int]] = []
+        released: list[int] = []
         i = 0
         while i < count:
             if self.missing:
-                stop, new, seq_max, received, duplicates, unwanted = fast.scan_data(
-                    view, slot, lengths, i, count, self._key, blake3, self._session,
+                stop, new, seq_max, received, duplicates, unwanted, new_bytes = fast.scan_data(
+                    view, slot, lengths, i, count, self._mac_hasher, self._session,
                     self.transfer, self._page, self._block_pages, self._current_block,
                     self._first, self._npages, self._last_len, self._wanted,
                     self._missing_pages, self._obj_missing, self._block_missing,
-                    self._held if self._fec else None, out,
+                    self._held if self._fec else None, runs, released,
                 )  # fmt: skip
                 if stop > i:
-                    self._took_batch(view, slot, lengths, stop - i, new, seq_max, received,
-                                     duplicates, unwanted, actions)
+                    self._took_batch(stop - i, new, seq_max, received, duplicates, unwanted,
+                                     new_bytes, runs, released, actions)
+                    runs.clear()
+                    released.clear()
                     i = stop
                     continue
             actions.extend(self._receive_each(view, slot, lengths, i, i + 1))
@@ -284,43 +282,28 @@ class Receiver:
         return actions
 
     def _took_batch(
-        self, view: memoryview, slot: int, lengths: array[int], taken: int, new: int,
-        seq_max: int, received: int, duplicates: int, unwanted: int,
-        actions: list[ReceiverAction],
+        self, taken: int, new: int, seq_max: int, received: int, duplicates: int,
+        unwanted: int, new_bytes: int, runs: list[tuple[int, int, list[memoryview], int]],
+        released: list[int], actions: list[ReceiverAction],
     ) -> None:
         """Settle what the compiled path did on its own (counts, the missing map, held
-        symbols) and turn the new pages it found into actions, as ``_got_page`` would."""
+        symbols) and turn the runs of new pages it found into actions, as ``_got_page``
+        would."""
         stats = self.stats
         stats.datagrams += taken
         stats.duplicates += duplicates
         stats.unwanted += unwanted
+        stats.pages_written += new
+        stats.bytes_written += new_bytes
         self.received += received
         if seq_max > self.seq_seen:
             self.seq_seen = seq_max
-        out, page_size, bp, first = self._scan_out, self._page, self._block_pages, self._first
-        written = 0
-        run: list[memoryview] = []  # consecutive pages of run_obj from run_page on
-        run_obj = run_page = -1
-        for j in range(0, 4 * new, 4):
-            i, obj, page, flags = out[j], out[j + 1], out[j + 2], out[j + 3]
-            at = i * slot + DATA_HEADER_SIZE
-            payload = view[at : at + lengths[i] - DATA_HEADER_SIZE - MAC_SIZE]
-            written += len(payload)
-            if obj != run_obj or page != run_page + len(run):
-                if run:
-                    actions.append(WritePages(run_obj, run_page * page_size, run))
-                run, run_obj, run_page = [], obj, page
-            run.append(payload)
-            if flags & _OBJECT_DONE:
-                actions.append(WritePages(run_obj, run_page * page_size, run))
-                run, run_obj = [], -1
+        for obj, offset, pages, object_done in runs:
+            actions.append(WritePages(obj, offset, pages))
+            if object_done:
                 actions.append(ObjectComplete(obj))
-            if flags & _BLOCK_DONE:
-                self._release((first[obj] + page) // bp)
-        if run:
-            actions.append(WritePages(run_obj, run_page * page_size, run))
-        stats.pages_written += new
-        stats.bytes_written += written
+        for block in released:
+            self._release(block)
         self.missing -= new
         if new and self.missing == 0:
             actions.append(SendFeedback(self._feedback(0, (), FLAG_COMPLETE)))

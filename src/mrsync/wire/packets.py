@@ -120,7 +120,6 @@ _RANGE_SIZE = _RANGE.size  # 12
 _MAX_NRANGES = 0xFFFF  # nranges is a u16
 _MIN_SIZE = HEADER_SIZE + MAC_SIZE
 _DATA_SIZE = _DATA.size
-DATA_HEADER_SIZE = _DATA_SIZE  # 36: header and fields before a DATA payload
 _DATA_MIN_SIZE = _DATA_SIZE + MAC_SIZE
 
 # Bound methods, looked up once rather than per packet.
