@@ -5,7 +5,8 @@
  * one cost ~14 us of CPU on the lab (unpack, MAC, five dict updates, a dataclass per page).
  * With eight targets on two cores that, not the link, set the speed.
  *
- * Two functions, both optional: mrsync falls back to pure Python when this module is absent.
+ * Three functions, all optional: mrsync falls back to pure Python when this module is absent.
+ * (seal_run, below, is the master's counterpart: a run of pages sealed into DATA datagrams.)
  *
  *   recv_batch(fd, buffer, slot, lengths) -> n
  *       I/O: one recvmmsg(2), MSG_DONTWAIT, datagram i into buffer[i*slot:], its length into
@@ -36,7 +37,7 @@
 #define MAX_BATCH 256
 /* Bumped whenever a function here changes its arguments or results (mrsync/speedups.py
  * refuses a module built from other sources). */
-#define API_VERSION 3
+#define API_VERSION 4
 
 /* --- recv_batch ------------------------------------------------------------------------- */
 
@@ -161,17 +162,17 @@ static inline uint64_t be64(const unsigned char *p)
 
 static PyObject *str_reset, *str_update, *str_digest;
 
-/* 1 if the MAC is right, 0 if not, -1 on a Python error. ``hasher`` is a blake3 object made
- * with the session key: reset, it hashes as a new keyed hasher would, without the cost of
- * making one per datagram. */
+/* The MAC of ``data[:len]`` into ``mac`` (MAC_SIZE bytes): 0, or -1 on a Python error.
+ * ``hasher`` is a blake3 object made with the session key: reset, it hashes as a new keyed
+ * hasher would, without the cost of making one per datagram. */
 static int
-mac_ok(PyObject *hasher, const unsigned char *data, Py_ssize_t len)
+mac_of(PyObject *hasher, const unsigned char *data, Py_ssize_t len, unsigned char *mac)
 {
     PyObject *r = PyObject_CallMethodNoArgs(hasher, str_reset);
     if (r == NULL)
         return -1;
     Py_DECREF(r);
-    PyObject *view = PyMemoryView_FromMemory((char *)data, len - MAC_SIZE, PyBUF_READ);
+    PyObject *view = PyMemoryView_FromMemory((char *)data, len, PyBUF_READ);
     if (view == NULL)
         return -1;
     r = PyObject_CallMethodOneArg(hasher, str_update, view);
@@ -182,18 +183,112 @@ mac_ok(PyObject *hasher, const unsigned char *data, Py_ssize_t len)
     PyObject *digest = PyObject_CallMethodNoArgs(hasher, str_digest);
     if (digest == NULL)
         return -1;
-    int ok = 0;
+    int rc = -1;
     if (PyBytes_Check(digest) && PyBytes_GET_SIZE(digest) >= MAC_SIZE) {
-        /* constant time: a forger learns nothing from when the comparison stops */
-        const unsigned char *want = (const unsigned char *)PyBytes_AS_STRING(digest);
-        const unsigned char *got = data + len - MAC_SIZE;
-        unsigned char diff = 0;
-        for (int i = 0; i < MAC_SIZE; i++)
-            diff |= (unsigned char)(want[i] ^ got[i]);
-        ok = diff == 0;
+        memcpy(mac, PyBytes_AS_STRING(digest), MAC_SIZE);
+        rc = 0;
+    } else {
+        PyErr_SetString(PyExc_TypeError, "the hasher's digest is not bytes of 16 or more");
     }
     Py_DECREF(digest);
-    return ok;
+    return rc;
+}
+
+/* 1 if the MAC at the end of a datagram is right, 0 if not, -1 on a Python error. */
+static int
+mac_ok(PyObject *hasher, const unsigned char *data, Py_ssize_t len)
+{
+    unsigned char want[MAC_SIZE];
+    if (mac_of(hasher, data, len - MAC_SIZE, want) < 0)
+        return -1;
+    /* constant time: a forger learns nothing from when the comparison stops */
+    const unsigned char *got = data + len - MAC_SIZE;
+    unsigned char diff = 0;
+    for (int i = 0; i < MAC_SIZE; i++)
+        diff |= (unsigned char)(want[i] ^ got[i]);
+    return diff == 0;
+}
+
+static inline void put32(unsigned char *p, uint32_t v)
+{
+    p[0] = (unsigned char)(v >> 24);
+    p[1] = (unsigned char)(v >> 16);
+    p[2] = (unsigned char)(v >> 8);
+    p[3] = (unsigned char)v;
+}
+
+static inline void put64(unsigned char *p, uint64_t v)
+{
+    put32(p, (uint32_t)(v >> 32));
+    put32(p + 4, (uint32_t)v);
+}
+
+/* --- seal_run --------------------------------------------------------------------------- */
+
+/* seal_run(hasher, session, transfer, obj, page, seq, payload, page_size) -> bytes
+ *
+ * The master's side: consecutive pages of one object (``payload`` holds them back to back,
+ * the last possibly short) as DATA datagrams with consecutive seqs, back to back in one bytes
+ * object - exactly what wire.encode_data gives page by page, ready for one GSO send. */
+static PyObject *
+seal_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)self;
+    if (nargs != 8) {
+        PyErr_SetString(PyExc_TypeError,
+                        "seal_run(hasher, session, transfer, obj, page, seq, payload, page_size)");
+        return NULL;
+    }
+    PyObject *hasher = args[0];
+    uint64_t session = PyLong_AsUnsignedLongLong(args[1]);
+    unsigned long transfer = PyLong_AsUnsignedLong(args[2]);
+    unsigned long obj = PyLong_AsUnsignedLong(args[3]);
+    uint64_t page = PyLong_AsUnsignedLongLong(args[4]);
+    uint64_t seq = PyLong_AsUnsignedLongLong(args[5]);
+    Py_ssize_t page_size = PyLong_AsSsize_t(args[7]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (transfer > 0xFFFFFFFFUL || obj > 0xFFFFFFFFUL || page_size <= 0) {
+        PyErr_SetString(PyExc_ValueError, "seal_run: field out of range");
+        return NULL;
+    }
+    Py_buffer payload;
+    if (PyObject_GetBuffer(args[6], &payload, PyBUF_SIMPLE) < 0)
+        return NULL;
+    PyObject *out = NULL;
+    Py_ssize_t n = (payload.len + page_size - 1) / page_size;
+    if (n == 0) {
+        PyErr_SetString(PyExc_ValueError, "seal_run: no payload");
+        goto done;
+    }
+    out = PyBytes_FromStringAndSize(NULL, payload.len + n * (DATA_HEADER + MAC_SIZE));
+    if (out == NULL)
+        goto done;
+    unsigned char *w = (unsigned char *)PyBytes_AS_STRING(out);
+    const unsigned char *src = payload.buf;
+    for (Py_ssize_t k = 0; k < n; k++) {
+        Py_ssize_t len = payload.len - k * page_size;
+        if (len > page_size)
+            len = page_size;
+        w[0] = 'M';
+        w[1] = 'R';
+        w[2] = MRSYNC_PROTOCOL_VERSION;
+        w[3] = DATA_TYPE;
+        put64(w + 4, session);
+        put32(w + 12, (uint32_t)transfer);
+        put64(w + 16, seq + (uint64_t)k);
+        put32(w + 24, (uint32_t)obj);
+        put64(w + 28, page + (uint64_t)k);
+        memcpy(w + DATA_HEADER, src + k * page_size, (size_t)len);
+        if (mac_of(hasher, w, DATA_HEADER + len, w + DATA_HEADER + len) < 0) {
+            Py_CLEAR(out);
+            goto done;
+        }
+        w += DATA_HEADER + len + MAC_SIZE;
+    }
+done:
+    PyBuffer_Release(&payload);
+    return out;
 }
 
 enum {
@@ -389,6 +484,8 @@ done:
 static PyMethodDef methods[] = {
     {"recv_batch", (PyCFunction)(void (*)(void))recv_batch, METH_FASTCALL,
      "recv_batch(fd, buffer, slot, lengths) -> datagrams received (recvmmsg, MSG_DONTWAIT)"},
+    {"seal_run", (PyCFunction)(void (*)(void))seal_run, METH_FASTCALL,
+     "seal_run(hasher, session, transfer, obj, page, seq, payload, page_size) -> datagrams"},
     {"scan_data", (PyCFunction)(void (*)(void))scan_data, METH_FASTCALL,
      "The receiver's common DATA path over a batch; see engine/receiver.py."},
     {NULL, NULL, 0, NULL},

@@ -55,6 +55,7 @@ from mrsync.engine.sender import (
     Sender,
     SendPage,
     SendParity,
+    SendRun,
 )
 from mrsync.io.net import IP_UDP_HEADERS, Batcher, Endpoint, interface_mtu, open_sender
 from mrsync.io.source import BlobPages, FilePages, ParitySymbols
@@ -69,6 +70,7 @@ from mrsync.wire import (
     Feedback,
     decode,
     encode_data,
+    encode_data_run,
     encode_parity,
 )
 
@@ -446,8 +448,21 @@ class Job:
         batch = self.batcher
         dest = flow.dest
         wire = 0
-        for action in sender.poll(now, budget=64):
-            if isinstance(action, SendPage):
+        for action in sender.poll(now, budget=64, runs=True):
+            if isinstance(action, SendRun):
+                # The first pass, page after page: read, sealed and sent in one piece each.
+                layout = sender.layout
+                end = action.page + action.count - 1  # only an object's last page is short
+                length = (action.count - 1) * layout.page_size + layout.page_length(
+                    action.obj, end)
+                payload = flow.source.read(action.obj, action.page, length)
+                datagrams = encode_data_run(self.key, self.session, sender.transfer,
+                                            action.seq, action.obj, action.page, payload,
+                                            layout.page_size)
+                batch.add_run(datagrams, layout.page_size + DATA_OVERHEAD, dest)
+                wire += len(datagrams)
+                self.reporter.sent(length, False)
+            elif isinstance(action, SendPage):
                 length = sender.layout.page_length(action.obj, action.page)
                 payload = flow.source.read(action.obj, action.page, length)
                 datagram = encode_data(self.key, self.session, sender.transfer, action.seq,

@@ -13,7 +13,7 @@ from types import ModuleType
 
 from mrsync import PROTOCOL_VERSION
 
-API_VERSION = 3  # of _speedups.c's functions, which defines its own to match
+API_VERSION = 4  # of _speedups.c's functions, which defines its own to match
 
 
 def _load() -> ModuleType | None:

@@ -67,6 +67,17 @@ class SendPage:
 
 
 @dataclass(frozen=True, slots=True)
+class SendRun:
+    """``count`` consecutive first-pass pages of one object from ``page`` on, with seqs from
+    ``seq`` on: what ``count`` SendPage actions would say, in one (see ``poll(runs=True)``)."""
+
+    obj: int
+    page: int
+    count: int
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
 class SendParity:
     """Compute repair symbol ``esi`` of ``block`` and multicast it as PARITY with this seq."""
 
@@ -97,7 +108,7 @@ class ReceiverSatOut:
     lag: float  # seconds it was behind the sender
 
 
-SenderAction = SendPage | SendParity | SendDatagram | ReceiverLost | ReceiverSatOut
+SenderAction = SendPage | SendRun | SendParity | SendDatagram | ReceiverLost | ReceiverSatOut
 
 
 @dataclass
@@ -301,15 +312,18 @@ class Sender:
 
     # -- output -----------------------------------------------------------------------------
 
-    def poll(self, now: float, budget: int = 64) -> list[SenderAction]:
-        """What to do now: at most ``budget`` datagrams to send, and receivers given up."""
+    def poll(self, now: float, budget: int = 64, *, runs: bool = False) -> list[SenderAction]:
+        """What to do now: at most ``budget`` datagrams to send, and receivers given up.
+        With ``runs``, consecutive first-pass pages of an object come as one ``SendRun``
+        (at most ``budget`` pages), which the I/O layer can read, seal and send in one go."""
         actions: list[SenderAction] = []
         self._check_silence(now, actions)
         self._check_lag(now, actions)
         if self._poll_now and not self.done:
             self._poll_now = False
             actions.append(self._make_poll(now))
-        while len(actions) < budget and not self.done:
+        extra = 0  # datagrams beyond one per action (a SendRun is many)
+        while len(actions) + extra < budget and not self.done:
             if not self._has_page():
                 if now >= self._poll_deadline:
                     actions.append(self._make_poll(now))
@@ -321,8 +335,56 @@ class Sender:
                 break
             if now < self._next_send_at:
                 break
+            if runs and not (self._parity_heap or self._repairs):
+                run = self._next_run(now, budget - len(actions) - extra)
+                if run is not None:
+                    actions.append(run)
+                    extra += run.count - 1
+                    continue
             actions.append(self._next_page(now))
         return actions
+
+    def _next_run(self, now: float, most: int) -> SendRun | None:
+        """As many first-pass pages as ``_next_page`` would hand out one by one right now
+        (window, pacing, ``most``), of one object and one block; None if fewer than two."""
+        layout = self.layout
+        g = self._next_first
+        obj, page = layout.locate(g)
+        ps = layout.page_size
+        last = layout.pages_of(obj) - 1
+        bp = layout.block_pages
+        # Pages of the object and of the block (proactive parity is queued at a block's end).
+        n = min(most, last - page + 1, (g // bp + 1) * bp - g)
+        if self._window_full():
+            return None
+        n = min(n, self._window - (self._seq - self._min_seen))
+        rate = self.pacing_rate
+        next_send_at = self._next_send_at
+        if rate is not None:
+            # Pages whose send time has come, paced exactly as _pace paces them one by one.
+            k = 0
+            while k < n and now >= next_send_at:
+                size = ps if page + k < last else layout.page_length(obj, last)
+                next_send_at = max(next_send_at, now - 0.002) + size / rate
+                k += 1
+            n = k
+        if n < 2:
+            return None
+        self._next_send_at = next_send_at
+        seq = self._seq + 1
+        self._seq += n
+        self._next_first = g + n
+        self._last_sent[g : g + n] = array("Q", range(seq, seq + n))
+        self._send_times.extend([now] * n)
+        length = n * ps if page + n - 1 < last else (n - 1) * ps + layout.page_length(obj, last)
+        self.stats.pages_sent += n
+        self.stats.bytes_sent += length
+        if self._fec_ratio > 0:
+            end = g + n - 1
+            block = end // bp
+            if end == block * bp + layout.block_size(block) - 1:
+                self._add_parity(block, math.ceil(self._fec_ratio * layout.block_size(block)))
+        return SendRun(obj, page, n, seq)
 
     # -- internals --------------------------------------------------------------------------
 

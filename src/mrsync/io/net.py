@@ -239,6 +239,30 @@ class Batcher:
         self._parts.append(datagram)
         self._bytes += n
 
+    def add_run(self, datagrams: bytes, size: int, dest: tuple[object, ...]) -> None:
+        """Datagrams of ``size`` bytes back to back (the last may be shorter), as
+        ``encode_data_run`` makes them: sent with as few GSO sends as the limits allow."""
+        self.flush()
+        view = memoryview(datagrams)
+        step = size * max(1, min(GSO_MAX_SEGMENTS, GSO_MAX_BYTES // size))
+        for at in range(0, len(view), step):
+            chunk = view[at : at + step]
+            if len(chunk) > size and self._gso:
+                try:
+                    self._sock.sendmsg(
+                        [chunk], [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", size))], 0, dest
+                    )
+                    self.sends += 1
+                    continue
+                except OSError as exc:
+                    if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOPROTOOPT,
+                                         errno.EIO):
+                        raise
+                    self._gso = False  # as in flush: plain sends from now on
+            for one in range(0, len(chunk), size):
+                self._sock.sendto(chunk[one : one + size], dest)
+                self.sends += 1
+
     def flush(self) -> None:
         parts, dest = self._parts, self._dest
         if not parts or dest is None:
