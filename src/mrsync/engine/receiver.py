@@ -108,6 +108,11 @@ class ReceiverStats:
 
 class Receiver:
     MAX_BLOCK_REPORTS = 4  # polls that found a block still unrepaired before page repair
+    # A need said when the sender moved on is said again this many blocks later if the block is
+    # still short (its parity was lost too, or came short): otherwise it would wait for the
+    # poll at the end of the pass, and the repair of a whole pass's worth of such blocks with
+    # it (measured: 1.2 s of parity after a 256 MiB pass at 2 % loss).
+    RESAY_AFTER_BLOCKS = 4
 
     def __init__(
         self,
@@ -154,6 +159,7 @@ class Receiver:
         self._buffered = 0  # bytes of the buffers in _held
         self._page_mode: set[int] = set()  # blocks repaired by page NACKs only
         self._reports: dict[int, int] = {}  # block -> times its need was reported
+        self._said_at: dict[int, int] = {}  # block -> current block when its need was said
         self._current_block = -1  # highest block seen: blocks before it are fully sent
         self._page = 0
         self._block_pages = 1
@@ -173,6 +179,7 @@ class Receiver:
         self._buffered = 0
         self._page_mode = set()
         self._reports = {}
+        self._said_at = {}
         self._current_block = -1
         missing = bytearray(layout.total_pages)
         bp = layout.block_pages
@@ -489,23 +496,28 @@ class Receiver:
 
     def _block_needs(self, before: int | None = None) -> list[tuple[int, int]]:
         """(block, symbols still needed) for the blocks parity is to repair: with ``before``,
-        the blocks before it not reported yet; else (a poll) every such block. A block a poll
-        has found unrepaired too often, or needing more than its code can give, goes back to
-        page repair."""
+        the blocks before it not reported yet, or reported ``RESAY_AFTER_BLOCKS`` blocks ago
+        and still short; else (a poll) every such block. A block a poll has found unrepaired
+        too often, or needing more than its code can give, goes back to page repair."""
         assert self.layout is not None
         needs = []
         for block in sorted(self._held):
             if before is not None and block >= before:
                 break
             reports = self._reports.get(block)
-            if before is not None and reports is not None:
-                continue  # already said; the next poll repeats it if need be
+            if (
+                before is not None
+                and reports is not None
+                and before - self._said_at.get(block, before) < self.RESAY_AFTER_BLOCKS
+            ):
+                continue  # said lately: its parity may still be on the way
             k = self.layout.block_size(block)
             count = self._held_count(block)
             if not self._block_missing[block] or count >= k:
                 continue
             if before is not None:
-                self._reports[block] = 0
+                self._reports.setdefault(block, 0)
+                self._said_at[block] = before
             else:
                 reports = (reports or 0) + 1
                 if reports > self.MAX_BLOCK_REPORTS or k - count > max_repair(k):
