@@ -10,8 +10,8 @@ is missing it falls back to ``recv_into``, one datagram at a time.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
+import functools
 import os
 import socket
 from array import array
@@ -40,7 +40,12 @@ class _MMsgHdr(ctypes.Structure):
     _fields_ = [("msg_hdr", _MsgHdr), ("msg_len", ctypes.c_uint)]
 
 
+@functools.cache
 def _load_recvmmsg() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
+    # Only when the compiled path is missing: find_library runs `ldconfig -p`, which costs
+    # every target process several milliseconds of start-up.
+    import ctypes.util
+
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
         func = libc.recvmmsg
@@ -52,7 +57,6 @@ def _load_recvmmsg() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
     return func
 
 
-_recvmmsg = _load_recvmmsg()
 
 
 class BatchReceiver:
@@ -74,7 +78,7 @@ class BatchReceiver:
         self._msgs = None
         if speedups is not None and slots <= speedups.MAX_BATCH:
             self._receive = self._receive_compiled
-        elif _recvmmsg is not None:
+        elif _load_recvmmsg() is not None:
             self._receive = self._receive_ctypes
             base = ctypes.addressof(ctypes.c_char.from_buffer(self._buf))
             self._iovs = (_IOVec * slots)()
@@ -110,7 +114,9 @@ class BatchReceiver:
     def _receive_ctypes(self) -> int:
         msgs = self._msgs
         assert msgs is not None
-        n = _recvmmsg(self._fd, msgs, self.slots, socket.MSG_DONTWAIT, None)  # type: ignore[misc]
+        recvmmsg = _load_recvmmsg()
+        assert recvmmsg is not None
+        n = recvmmsg(self._fd, msgs, self.slots, socket.MSG_DONTWAIT, None)
         if n <= 0:
             err = ctypes.get_errno()
             if n < 0 and err not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR):
