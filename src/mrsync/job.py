@@ -61,7 +61,7 @@ from mrsync.io.net import IP_UDP_HEADERS, Batcher, Endpoint, interface_mtu, open
 from mrsync.io.source import BlobPages, FilePages, ParitySymbols
 from mrsync.plan.manifest import Kind, Manifest, encode_manifest
 from mrsync.plan.options import SyncOptions
-from mrsync.plan.scan import scan_source, source_root
+from mrsync.plan.scan import check_source, scan_source, source_root
 from mrsync.remote.targets import TargetSpec, server_command
 from mrsync.report import Reporter, TargetView
 from mrsync.wire import (
@@ -220,17 +220,20 @@ class Job:
     def run(self) -> JobResult:
         start = time.monotonic()
         warnings: list[str] = []
-        manifest = scan_source(self.options.source, warnings, options=self.options.sync)
-        for w in warnings:
-            self.reporter.warn(w)
-        blob = encode_manifest(manifest)
+        check_source(self.options.source)  # a missing SRC fails before any host is contacted
         self.sock = open_sender(self.options.endpoint, ttl=self.options.ttl)
         self.batcher = Batcher(self.sock)
         self.selector.register(self.sock, selectors.EVENT_READ, None)
         union: list[int] = []
         self.reporter.watch(self.progress_view)
         try:
+            # The targets start up (a remote shell, an interpreter) while SRC is scanned and
+            # hashed here: neither waits for the other.
             self._start_targets()
+            manifest = scan_source(self.options.source, warnings, options=self.options.sync)
+            for w in warnings:
+                self.reporter.warn(w)
+            blob = encode_manifest(manifest)
             self._pump(lambda: all(t.hello or not t.alive for t in self.targets),
                        timeout=HANDSHAKE_TIMEOUT, what="starting")
             # Transfer 1: the manifest, to every target.

@@ -241,6 +241,18 @@ class _Frame:
         self.whole = whole
 
 
+def check_source(src: str) -> os.stat_result:
+    """SRC's own lstat, or :class:`ScanError` (an empty path, or one that cannot be reached):
+    the cheap part of :func:`scan_source`, for failing before any target is contacted."""
+    bsrc = os.fsencode(src)
+    if not bsrc:
+        raise ScanError(src, "empty source path")
+    try:
+        return os.lstat(bsrc)
+    except OSError as exc:
+        raise ScanError(display(bsrc), _reason(exc)) from exc
+
+
 def scan_source(
     src: str, warnings: list[str] | None = None, *, options: SyncOptions | None = None
 ) -> Manifest:
@@ -262,15 +274,10 @@ def scan_source(
     filt = Filter(opts.rules)
     only = only_matcher(opts.only) if opts.only else None
     bsrc = os.fsencode(src)
-    if not bsrc:
-        raise ScanError(src, "empty source path")
+    st = check_source(src)
     stripped = bsrc.rstrip(b"/")
     base = os.path.basename(stripped)
     contents = bsrc.endswith(b"/") or base in (b".", b"..")
-    try:
-        st = os.lstat(bsrc)
-    except OSError as exc:
-        raise ScanError(display(bsrc), _reason(exc)) from exc
 
     if not contents and filt and filt.excluded(base, stat.S_ISDIR(st.st_mode)):
         return Manifest([])
