@@ -237,4 +237,25 @@ def test_batch_receiver_reports_each_datagram() -> None:
         ]
         assert batch.receive() == 2
         assert batch.receive() == 0
-        assert [len(d) for d in batch.drain()] == []
+
+
+def test_a_block_still_short_is_said_again_four_blocks_later() -> None:
+    """A block's parity need is said when the sender moves past it; if that parity is lost
+    too, the need is said again RESAY_AFTER_BLOCKS blocks later, not only at the poll that
+    ends the pass (where a whole pass's worth of such blocks used to pile up)."""
+    from mrsync.wire import FLAG_BLOCKS, Feedback, decode
+
+    layout = Layout([(0, PAGE * 4 * 8)], PAGE, block_pages=4)  # 8 blocks of 4 pages
+    r = _fresh(layout, [0], fec=True)
+    said: dict[int, list[tuple[int, int]]] = {}  # block being started -> block needs said
+    for page in range(4 * 8):
+        if page == 1:
+            continue  # lost, and no parity will come
+        d = encode_data(KEY, SESSION, 7, page + 1, 0, page, bytes([page]) * PAGE)
+        for action in r.receive_datagram(d, 0.0):
+            if isinstance(action, SendFeedback):
+                fb = decode(action.data, KEY, SESSION)
+                assert isinstance(fb, Feedback)
+                if fb.flags & FLAG_BLOCKS:
+                    said.setdefault(page // 4, []).extend(fb.ranges)
+    assert said == {1: [(0, 1)], 1 + Receiver.RESAY_AFTER_BLOCKS: [(0, 1)]}

@@ -958,3 +958,26 @@ def test_delete_before_prepare(tmp_path: Path) -> None:
         assert store.finish_tree() == []
     assert sorted(os.listdir(dest)) == ["f"]
     assert (dest / "f").read_bytes() == b"x"
+
+
+def test_pwritev_all_resumes_short_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run of pages goes out in one pwritev; when the kernel writes less (a signal, a
+    nearly full disk), the rest follows from exactly where it stopped."""
+    calls = 0
+
+    def at_most_7_bytes(fd: int, buffers: list[bytes], offset: int) -> int:
+        nonlocal calls
+        calls += 1
+        return os.pwrite(fd, b"".join(bytes(b) for b in buffers)[:7], offset)
+
+    monkeypatch.setattr(store_mod.os, "pwritev", at_most_7_bytes)
+    pages = [bytes([i + 1]) * 5 for i in range(6)]
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        store_mod._pwritev_all(fd, pages, 3)
+    finally:
+        os.close(fd)
+    assert (tmp_path / "f").read_bytes() == bytes(3) + b"".join(pages)
+    assert calls == 5  # 30 bytes, 7 at a time

@@ -135,20 +135,6 @@ run_flush(struct run *run, PyObject *runs, Py_ssize_t page_size, int object_done
     return rc;
 }
 
-/* view[start:stop], a memoryview that keeps the receive buffer alive while it exists. */
-static PyObject *
-subview(PyObject *view, Py_ssize_t start, Py_ssize_t stop)
-{
-    PyObject *lo = PyLong_FromSsize_t(start), *hi = PyLong_FromSsize_t(stop);
-    PyObject *slice = (lo && hi) ? PySlice_New(lo, hi, NULL) : NULL;
-    Py_XDECREF(lo);
-    Py_XDECREF(hi);
-    if (slice == NULL)
-        return NULL;
-    PyObject *sub = PyObject_GetItem(view, slice);
-    Py_DECREF(slice);
-    return sub;
-}
 
 static inline uint32_t be32(const unsigned char *p)
 {
@@ -441,8 +427,9 @@ scan_data(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
                 run.obj = obj;
                 run.first = run.next = page;
             }
-            PyObject *pv = subview(args[A_BUF], i * slot + DATA_HEADER,
-                                   i * slot + DATA_HEADER + payload);
+            /* view[start:stop]: keeps the receive buffer alive while the page is in use */
+            PyObject *pv = PySequence_GetSlice(args[A_BUF], i * slot + DATA_HEADER,
+                                               i * slot + DATA_HEADER + payload);
             if (pv == NULL)
                 goto done;
             int rc = PyList_Append(run.pages, pv);

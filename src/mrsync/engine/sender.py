@@ -377,20 +377,32 @@ class Sender:
         if n < 2:
             return None
         self._next_send_at = next_send_at
+        self._next_first = g + n
+        length = n * ps if page + n - 1 < last else (n - 1) * ps + layout.page_length(obj, last)
+        return SendRun(obj, page, n, self._mark_sent(g, n, length, now, repair=False))
+
+    def _mark_sent(self, g: int, n: int, length: int, now: float, *, repair: bool) -> int:
+        """Book ``n`` pages from global page ``g`` (``length`` bytes in all) as sent now:
+        their seqs (the first is returned), send times and counters, and the proactive
+        parity of a block whose last page this was."""
         seq = self._seq + 1
         self._seq += n
-        self._next_first = g + n
         self._last_sent[g : g + n] = array("Q", range(seq, seq + n))
         self._send_times.extend([now] * n)
-        length = n * ps if page + n - 1 < last else (n - 1) * ps + layout.page_length(obj, last)
-        self.stats.pages_sent += n
-        self.stats.bytes_sent += length
-        if self._fec_ratio > 0:
-            end = g + n - 1
-            block = end // bp
-            if end == block * bp + layout.block_size(block) - 1:
-                self._add_parity(block, math.ceil(self._fec_ratio * layout.block_size(block)))
-        return SendRun(obj, page, n, seq)
+        if repair:
+            self.stats.pages_resent += n
+            self.stats.bytes_resent += length
+        else:
+            self.stats.pages_sent += n
+            self.stats.bytes_sent += length
+            if self._fec_ratio > 0:
+                layout = self.layout
+                end = g + n - 1
+                block = end // layout.block_pages
+                k = layout.block_size(block)
+                if end == block * layout.block_pages + k - 1:
+                    self._add_parity(block, math.ceil(self._fec_ratio * k))
+        return seq
 
     # -- internals --------------------------------------------------------------------------
 
@@ -413,23 +425,10 @@ class Sender:
             self._next_first += 1
             repair = False
         obj, page = self.layout.locate(g)
-        self._seq += 1
-        self._last_sent[g] = self._seq
-        self._send_times.append(now)
         length = self.layout.page_length(obj, page)
-        if repair:
-            self.stats.pages_resent += 1
-            self.stats.bytes_resent += length
-        else:
-            self.stats.pages_sent += 1
-            self.stats.bytes_sent += length
+        seq = self._mark_sent(g, 1, length, now, repair=repair)
         self._pace(now, length)
-        if not repair and self._fec_ratio > 0:
-            layout = self.layout
-            block = g // layout.block_pages
-            if g == block * layout.block_pages + layout.block_size(block) - 1:
-                self._add_parity(block, math.ceil(self._fec_ratio * layout.block_size(block)))
-        return SendPage(obj, page, self._seq, repair)
+        return SendPage(obj, page, seq, repair)
 
     @property
     def pacing_rate(self) -> float | None:

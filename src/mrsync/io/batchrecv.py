@@ -15,7 +15,6 @@ import functools
 import os
 import socket
 from array import array
-from collections.abc import Iterator
 
 from mrsync.speedups import speedups
 
@@ -96,16 +95,6 @@ class BatchReceiver:
         self.calls += 1
         self.datagrams += n
         return n
-
-    def drain(self) -> Iterator[memoryview]:
-        """Every datagram waiting, one view at a time (consume each before the next)."""
-        view, slot, lengths = self.view, self.slot, self.lengths
-        while True:
-            n = self.receive()
-            for i in range(n):
-                yield view[i * slot : i * slot + lengths[i]]
-            if n < self.slots:
-                return
 
     def _receive_compiled(self) -> int:
         assert speedups is not None

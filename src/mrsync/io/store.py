@@ -85,18 +85,19 @@ _ZERO_PAGES: dict[int, bytes] = {}
 
 def _pwritev_all(fd: int, buffers: list[memoryview] | list[bytes], offset: int) -> None:
     """All of ``buffers`` at ``offset``; a short write (a signal, a full disk) is resumed
-    where it stopped, and a write that makes no progress is an error."""
-    views = [memoryview(b) for b in buffers]
-    while views:
-        n = os.pwritev(fd, views[:_IOV_MAX], offset)
+    where it stopped, and a write that makes no progress is an error. Usually one call."""
+    views: list[memoryview | bytes] = list(buffers)
+    first = 0  # views before it are written
+    while first < len(views):
+        n = os.pwritev(fd, views[first : first + _IOV_MAX], offset)
         if n <= 0:
             raise OSError(errno.EIO, os.strerror(errno.EIO))
         offset += n
-        while views and n >= len(views[0]):
-            n -= len(views[0])
-            views.pop(0)
+        while first < len(views) and n >= len(views[first]):
+            n -= len(views[first])
+            first += 1
         if n:
-            views[0] = views[0][n:]
+            views[first] = memoryview(views[first])[n:]
 
 
 _IOV_MAX = 1024
@@ -371,7 +372,7 @@ class FileStore:
         """:meth:`write` for consecutive pages, the first at ``offset``. A long run with no
         page that could be a hole (first and last byte of each nonzero) is written straight
         from the caller's buffers with one ``pwritev``; anything else page by page."""
-        total = sum(len(page) for page in pages)
+        total = sum(map(len, pages))
         if (
             len(pages) >= self.DIRECT_RUN
             and all(page[0] and page[-1] for page in pages)
