@@ -18,19 +18,24 @@ KEY = bytes(range(32))
 SESSION = 77
 
 
-def _pages(sender: Sender, runs: bool, times: list[float]) -> list[tuple[int, int, int]]:
-    """(obj, page, seq) of every page the sender hands out, polled at ``times``."""
+def _pages(
+    sender: Sender, runs: bool, times: list[float]
+) -> tuple[list[tuple[int, int, int]], int]:
+    """(obj, page, seq) of every page the sender hands out, polled at ``times``; and how
+    many SendRun actions carried them."""
     out: list[tuple[int, int, int]] = []
+    run_actions = 0
     for now in times:
         for action in sender.poll(now, budget=64, runs=runs):
             if isinstance(action, SendRun):
+                run_actions += 1
                 out += [(action.obj, action.page + k, action.seq + k)
                         for k in range(action.count)]
             elif isinstance(action, SendPage):
                 out.append((action.obj, action.page, action.seq))
             elif isinstance(action, SendParity):
                 out.append((-1, action.block * 1000 + action.esi, action.seq))
-    return out
+    return out, run_actions
 
 
 @pytest.mark.parametrize("rate", [None, 3e6])
@@ -48,8 +53,9 @@ def test_runs_hand_out_what_single_pages_do(rate: float | None, fec_ratio: float
     # window (150, with no feedback) stops both after the same page.
     times = [i * 0.001 for i in range(400)]
     single, batched = make(), make()
-    expected = _pages(single, False, times)
-    got = _pages(batched, True, times)
+    expected, no_runs = _pages(single, False, times)
+    got, run_actions = _pages(batched, True, times)
+    assert no_runs == 0 and run_actions >= 5  # runs really were handed out, only when asked
     assert got == expected
     assert len(got) >= 100
     assert batched.stats == single.stats
@@ -73,6 +79,10 @@ def test_data_run_is_the_datagrams_of_its_pages(compiled: bool,
         for k, at in enumerate(range(0, len(payload), page_size))
     )
     assert run == expected
+    if compiled:  # and it was the compiled sealing that made it
+        assert speedups is not None
+        hasher = packets._keyed_hasher(KEY)
+        assert speedups.seal_run(hasher, SESSION, 5, 12, 40, 900, payload, page_size) == expected
     # And each one decodes, authentic, to its page.
     first = decode(run[: page_size + packets.DATA_OVERHEAD], KEY, SESSION)
     assert (first.transfer, first.seq, first.obj, first.page) == (5, 900, 12, 40)  # type: ignore[union-attr]
