@@ -161,6 +161,33 @@ def _sync_options(args: argparse.Namespace) -> SyncOptions:
     )
 
 
+def add_group_options(p: argparse.ArgumentParser) -> None:
+    """The multicast group: -A, -P, -6 (mrsync and mrsync-rtt alike)."""
+    p.add_argument("-A", "--address", metavar="ADDR",
+                   help="multicast group (default 239.255.67.92, or ff15::6d72:7379:6e63 "
+                        "with -6)")
+    p.add_argument("-P", "--port", type=int, default=DEFAULT_PORT,
+                   help=f"UDP port of the group (default {DEFAULT_PORT})")
+    p.add_argument("-6", "--ipv6", action="store_true", help="use IPv6 for the data plane")
+
+
+def add_shell_options(p: argparse.ArgumentParser) -> None:
+    """How receivers are started on the targets: -e, --mrsync-path."""
+    p.add_argument("-e", "--rsh", metavar="CMD", default="ssh",
+                   help='remote shell that starts receivers on hosts (default "ssh"; e.g. '
+                        '"ssh -p 2222 -i KEY", or "ip netns exec" for a lab)')
+    p.add_argument("--mrsync-path", metavar="PATH", default="mrsync",
+                   help='mrsync on the targets (default "mrsync" on their PATH)')
+
+
+def add_route_options(p: argparse.ArgumentParser) -> None:
+    """Where the group goes out: -I, -T."""
+    p.add_argument("-I", "--interface", metavar="NAME",
+                   help="send the group on this interface (default: the route to the group)")
+    p.add_argument("-T", "--ttl", type=int, metavar="N",
+                   help="multicast TTL / hop limit (default 1; 0 when every target is local)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(
         prog="mrsync",
@@ -174,21 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="destination directory on every target (original form; default: SRC)")
     p.add_argument("-m", "--machines", metavar="TARGETS",
                    help="targets: a file with one host per line (# comments) or h1,h2,...")
-    p.add_argument("-A", "--address", metavar="ADDR",
-                   help="multicast group (default 239.255.67.92, or ff15::6d72:7379:6e63 "
-                        "with -6)")
-    p.add_argument("-P", "--port", type=int, default=DEFAULT_PORT,
-                   help=f"UDP port of the group (default {DEFAULT_PORT})")
-    p.add_argument("-6", "--ipv6", action="store_true", help="use IPv6 for the data plane")
-    p.add_argument("-e", "--rsh", metavar="CMD", default="ssh",
-                   help='remote shell that starts receivers on hosts (default "ssh"; e.g. '
-                        '"ssh -p 2222 -i KEY", or "ip netns exec" for a lab)')
-    p.add_argument("--mrsync-path", metavar="PATH", default="mrsync",
-                   help='mrsync on the targets (default "mrsync" on their PATH)')
-    p.add_argument("-I", "--interface", metavar="NAME",
-                   help="send the group on this interface (default: the route to the group)")
-    p.add_argument("-T", "--ttl", type=int, metavar="N",
-                   help="multicast TTL / hop limit (default 1; 0 when every target is local)")
+    add_group_options(p)
+    add_shell_options(p)
+    add_route_options(p)
     p.add_argument("--sitout-lag", type=float, default=2.0, metavar="SECONDS",
                    help="a target this far behind the sender sits out and is caught up by "
                         "unicast afterwards, so it never holds the others back (default 2)")

@@ -36,21 +36,23 @@ NAME_WIDTH = 20
 FINAL_STATES = ("done", "caught up", "failed")
 
 
-def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+def _in_units(n: float, units: tuple[str, ...], below: int) -> str:
+    """``n`` bytes in the first unit (powers of 1024) where it is under ``below``."""
+    i = 0
+    while abs(n) >= below and i < len(units) - 1:
         n /= 1024
-    return f"{n:.1f} TiB"
+        i += 1
+    return f"{n:.0f}{units[i]}" if i == 0 else f"{n:.1f}{units[i]}"
+
+
+def human(n: float) -> str:
+    """Bytes for people: 999 B, 12.3 KiB, 1.0 MiB."""
+    return _in_units(n, (" B", " KiB", " MiB", " GiB", " TiB"), 1024)
 
 
 def short(n: float) -> str:
     """Bytes in at most 6 characters: 999B, 12.3K, 456.7M, 1.2G (powers of 1024)."""
-    for unit in ("B", "K", "M", "G", "T"):
-        if abs(n) < 1000 or unit == "T":
-            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
-        n /= 1024
-    return f"{n:.1f}T"
+    return _in_units(n, ("B", "K", "M", "G", "T"), 1000)
 
 
 def mbit(bytes_per_second: float) -> str:

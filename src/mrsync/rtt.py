@@ -34,9 +34,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from mrsync import __version__, exitcodes
-from mrsync.cli import Parser, config_defaults, data_plane, parse_rate_arg
+from mrsync.cli import (
+    Parser,
+    add_group_options,
+    add_route_options,
+    add_shell_options,
+    config_defaults,
+    data_plane,
+    parse_rate_arg,
+)
 from mrsync.control import StartTransfer
-from mrsync.io.net import DEFAULT_PORT, Batcher, interface_mtu, open_sender
+from mrsync.io.net import Batcher, interface_mtu, open_sender
 from mrsync.job import (
     HANDSHAKE_TIMEOUT,
     Address,
@@ -336,20 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="mrsync-rtt", description=DESCRIPTION, epilog=EPILOG,
                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("hosts", nargs="+", metavar="HOST", help="host, user@host, or localhost")
-    p.add_argument("-e", "--rsh", metavar="CMD", default="ssh",
-                   help='remote shell that starts the receivers (default "ssh")')
-    p.add_argument("--mrsync-path", metavar="PATH", default="mrsync",
-                   help='mrsync on the hosts (default "mrsync" on their PATH)')
-    p.add_argument("-A", "--address", metavar="ADDR",
-                   help="multicast group (default 239.255.67.92, or ff15::6d72:7379:6e63 "
-                        "with -6)")
-    p.add_argument("-P", "--port", type=int, default=DEFAULT_PORT,
-                   help=f"UDP port of the group (default {DEFAULT_PORT})")
-    p.add_argument("-6", "--ipv6", action="store_true", help="use IPv6")
-    p.add_argument("-I", "--interface", metavar="NAME",
-                   help="send the group on this interface (default: the route to the group)")
-    p.add_argument("-T", "--ttl", type=int, metavar="N",
-                   help="multicast TTL / hop limit (default 1; 0 when every host is local)")
+    add_shell_options(p)
+    add_group_options(p)
+    add_route_options(p)
     p.add_argument("-n", "--pages", type=int, default=DEFAULT_PAGES, metavar="PAGES",
                    help=f"pages to send (default {DEFAULT_PAGES})")
     p.add_argument("-s", "--page-size", type=int, metavar="BYTES",
