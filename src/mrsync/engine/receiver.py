@@ -30,10 +30,9 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from blake3 import blake3
-
 from mrsync.engine.fec import decode_block, max_repair
 from mrsync.engine.layout import Layout
+from mrsync.speedups import speedups as _speedups  # the compiled batch path, or None
 from mrsync.wire import (
     FLAG_BLOCKS,
     FLAG_COMPLETE,
@@ -45,12 +44,8 @@ from mrsync.wire import (
     decode,
     decode_data,
     encode_feedback,
+    keyed_hasher,
 )
-
-try:  # the compiled batch path, when built (see mrsync/speedups.py)
-    from mrsync.speedups import speedups as _speedups
-except ImportError:  # pragma: no cover
-    _speedups = None
 
 _U32_MAX = 0xFFFFFFFF
 
@@ -128,7 +123,6 @@ class Receiver:
         self.receiver_id = receiver_id
         self.stats = ReceiverStats()
         self._key = key
-        self._mac_hasher = blake3(key=key)  # the compiled path resets and reuses it
         self._session = session
         self._report_every = max(1, report_every)
         self._max_ranges = max(1, max_ranges)
@@ -260,7 +254,7 @@ class Receiver:
         while i < count:
             if self.missing:
                 stop, new, seq_max, received, duplicates, unwanted, new_bytes = fast.scan_data(
-                    view, slot, lengths, i, count, self._mac_hasher, self._session,
+                    view, slot, lengths, i, count, keyed_hasher(self._key), self._session,
                     self.transfer, self._page, self._block_pages, self._current_block,
                     self._first, self._npages, self._last_len, self._wanted,
                     self._missing_pages, self._obj_missing, self._block_missing,

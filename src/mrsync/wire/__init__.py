@@ -22,6 +22,7 @@ from mrsync.wire.packets import (
     encode_feedback,
     encode_parity,
     encode_poll,
+    keyed_hasher,
     max_feedback_ranges,
 )
 
@@ -47,5 +48,6 @@ __all__ = [
     "encode_feedback",
     "encode_parity",
     "encode_poll",
+    "keyed_hasher",
     "max_feedback_ranges",
 ]

@@ -185,7 +185,7 @@ def encode_data_run(
     last possibly short) as DATA datagrams with seqs from ``seq`` on, back to back: the
     concatenation of what :func:`encode_data` gives page by page, ready for one GSO send."""
     if _speedups is not None:
-        return bytes(_speedups.seal_run(_keyed_hasher(key), session, transfer, obj, page, seq,
+        return bytes(_speedups.seal_run(keyed_hasher(key), session, transfer, obj, page, seq,
                                         payload, page_size))
     view = memoryview(payload)
     return b"".join(
@@ -196,8 +196,9 @@ def encode_data_run(
 
 
 @functools.lru_cache(maxsize=4)
-def _keyed_hasher(key: bytes) -> blake3:
-    # One per session key, reset by the compiled path before each datagram.
+def keyed_hasher(key: bytes) -> blake3:
+    """A blake3 hasher with the session key, one per key: the compiled paths reset it before
+    each datagram they seal or check, instead of making a hasher per datagram."""
     return blake3(key=key)
 
 
