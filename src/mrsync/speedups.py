@@ -1,9 +1,10 @@
-"""The optional compiled receive path (``_speedups.c``), or None.
+"""The optional compiled modules: the receive path (``_speedups.c``) and ISA-L's Reed-Solomon
+(``_isal_rs.c``), each None when absent.
 
-Targets use it when it was built (``pip install`` compiles it where a C compiler is found)
-and was built for this protocol version. ``MRSYNC_PURE_PYTHON=1`` turns it off, to compare the
-two paths or to rule the compiled one out when chasing a bug; the results are the same, only
-the CPU a target spends differs.
+Each is used when it was built (``pip install`` compiles them where a C compiler, and for
+ISA-L its header, is found) and, for the receive path, built for this protocol version.
+``MRSYNC_PURE_PYTHON=1`` turns both off, to compare the paths or to rule the compiled ones out
+when chasing a bug; the results are the same, only the CPU spent differs.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from types import ModuleType
 from mrsync import PROTOCOL_VERSION
 
 API_VERSION = 4  # of _speedups.c's functions, which defines its own to match
+ISAL_API_VERSION = 1  # of _isal_rs.c's
 
 
 def _load() -> ModuleType | None:
@@ -32,3 +34,18 @@ def _load() -> ModuleType | None:
 
 
 speedups = _load()
+
+
+def _load_isal() -> ModuleType | None:
+    if os.environ.get("MRSYNC_PURE_PYTHON", "") not in ("", "0"):
+        return None
+    try:
+        from mrsync import _isal_rs  # type: ignore[attr-defined]
+    except ImportError:  # not built (no ISA-L headers), or libisal missing at run time
+        return None
+    if getattr(_isal_rs, "API_VERSION", None) != ISAL_API_VERSION:
+        return None
+    return _isal_rs  # type: ignore[no-any-return]
+
+
+isal_rs = _load_isal()

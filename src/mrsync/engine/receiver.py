@@ -30,7 +30,7 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from mrsync.engine.fec import decode_block, max_repair
+from mrsync.engine.fec import max_repair, recover_block
 from mrsync.engine.layout import Layout
 from mrsync.speedups import speedups as _speedups  # the compiled batch path, or None
 from mrsync.wire import (
@@ -462,18 +462,15 @@ class Receiver:
         assert layout is not None
         k = layout.block_size(block)
         bp, size = self._block_pages, self._page
-        symbols = dict(self._parity_held.get(block, {}))
-        for esi in range(k):
-            if held[1 + esi]:
-                at = 1 + bp + esi * size
-                symbols[esi] = bytes(held[at : at + size])
-        pages = decode_block(k, symbols)
+        # The lost pages are rebuilt into the held block, next to the pages that came.
+        recover_block(k, size, held, 1, 1 + bp, self._parity_held.get(block, {}))
         self.stats.blocks_decoded += 1
         first = block * layout.block_pages
         for g in range(first, first + k):
             if self._missing_pages[g]:
                 obj, page = layout.locate(g)
-                data = pages[g - first][: layout.page_length(obj, page)]
+                at = 1 + bp + (g - first) * size
+                data = bytes(held[at : at + layout.page_length(obj, page)])
                 self.stats.pages_decoded += 1
                 self._got_page(obj, page, g, data, actions)
                 if self.missing == 0:
