@@ -59,6 +59,8 @@ from typing import NamedTuple
 
 import blake3
 
+from mrsync.io.running_digest import MIN_SIZE as RUNNING_DIGEST_MIN
+from mrsync.io.running_digest import RunningDigest
 from mrsync.plan.manifest import Entry, Kind, Manifest
 from mrsync.plan.options import SyncOptions
 from mrsync.plan.scan import display, hash_fd
@@ -219,6 +221,7 @@ class FileStore:
         self._bak_fds: OrderedDict[bytes, int] = OrderedDict()  # rel dir -> fd below backup dir
         self._predeleted: set[int] = set()  # -X: files whose old copy is already unlinked
         self._presized: set[int] = set()  # temps made by ftruncate: unwritten ranges are holes
+        self._running: dict[int, RunningDigest] = {}  # large files: digest while written
         # Gathered pages, see write(): (file id, offset, bytes, the file's size).
         self._pending: tuple[int, int, bytearray, int] | None = None
         self._expected: set[int] | None = None  # see plan()
@@ -356,12 +359,14 @@ class FileStore:
             if file_id in self._failed:  # the flush was this file's, and it failed
                 return
         try:
-            self._temp_fd(file_id)
+            fd = self._temp_fd(file_id)
+            if file_id in self._presized and _is_zero(data, view):
+                # A hole already reads as zeros: keep sparse files sparse.
+                self._wrote(file_id, fd, offset, len(view))
+                return
         except _ERRORS as exc:
             self._fail(file_id, f"write failed: {_strerror(exc)}")
             return
-        if file_id in self._presized and _is_zero(data, view):
-            return  # a hole already reads as zeros: keep sparse files sparse
         self._pending = (file_id, offset, bytearray(view), entry.size)
 
     DIRECT_RUN = 8  # pages: a run at least this long goes out in one pwritev, uncopied
@@ -385,7 +390,9 @@ class FileStore:
             if file_id in self._failed:
                 return
             try:
-                _pwritev_all(self._temp_fd(file_id), pages, offset)
+                fd = self._temp_fd(file_id)
+                _pwritev_all(fd, pages, offset)
+                self._wrote(file_id, fd, offset, total)
             except _ERRORS as exc:
                 self._fail(file_id, f"write failed: {_strerror(exc)}")
             return
@@ -404,12 +411,14 @@ class FileStore:
         view = memoryview(buf)
         try:
             fd = self._temp_fd(file_id)
+            at = offset
             while view:
-                n = os.pwrite(fd, view, offset)
+                n = os.pwrite(fd, view, at)
                 if n <= 0:
                     raise OSError(errno.EIO, os.strerror(errno.EIO))
                 view = view[n:]
-                offset += n
+                at += n
+            self._wrote(file_id, fd, offset, len(buf))
         except _ERRORS as exc:
             self._fail(file_id, f"write failed: {_strerror(exc)}")
 
@@ -432,7 +441,9 @@ class FileStore:
         try:
             fd = self._temp_fd(file_id)
             st = os.fstat(fd)
-            if st.st_size != entry.size or hash_fd(fd, entry.size)[0] != entry.digest:
+            running = self._running.pop(file_id, None)
+            digest = running.digest(fd) if running is not None else hash_fd(fd, entry.size)[0]
+            if st.st_size != entry.size or digest != entry.digest:
                 return self._fail(file_id, "digest mismatch")
             self._set_meta_fd(fd, entry, st)
             dfd = self._dirfd(parent)
@@ -719,7 +730,18 @@ class FileStore:
         if fd is not None:
             os.close(fd)
 
+    def _wrote(self, file_id: int, fd: int, offset: int, length: int) -> None:
+        """Bytes of a file reached their final content: a large file's digest runs along."""
+        running = self._running.get(file_id)
+        if running is None:
+            size = self.entries[file_id].size
+            if size < RUNNING_DIGEST_MIN:
+                return
+            running = self._running[file_id] = RunningDigest(size)
+        running.wrote(fd, offset, length)
+
     def _discard_temp(self, file_id: int) -> None:
+        self._running.pop(file_id, None)
         self._drop_fd(file_id)
         self._presized.discard(file_id)
         temp = self._temps.pop(file_id, None)

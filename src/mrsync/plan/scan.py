@@ -19,6 +19,7 @@ import errno
 import os
 import stat
 from collections.abc import Iterator
+from typing import Any
 
 import blake3
 
@@ -71,22 +72,28 @@ def _data_extents(fd: int, size: int) -> list[tuple[int, int]]:
     return extents
 
 
-def hash_fd(fd: int, size: int) -> tuple[bytes, int]:
-    """(blake3-256, bytes hashed) of the first ``size`` bytes of ``fd``, read with pread from
-    offset 0 (holes are not read, see :func:`_data_extents`). Fewer than ``size`` bytes are
-    hashed only if the file is shorter: bytes past its end are never made up as zeros."""
+def hash_fd(
+    fd: int, size: int, *, start: int = 0, hasher: Any = None
+) -> tuple[bytes, int]:
+    """(blake3-256, bytes hashed) of the first ``size`` bytes of ``fd``, read with pread
+    (holes are not read, see :func:`_data_extents`). Fewer than ``size`` bytes are hashed only
+    if the file is shorter: bytes past its end are never made up as zeros. With ``hasher``,
+    that already holds bytes [0, start): only the rest is read, into it."""
     size = min(size, os.fstat(fd).st_size)
-    # Threads pay only on large files: on small ones waking the pool costs more than the
-    # hashing (a tree of 2,000 small files spent a tenth of a target's time doing just that).
-    threads = blake3.blake3.AUTO if size >= THREADED_HASH_BYTES else 1
-    hasher = blake3.blake3(max_threads=threads)
-    buf = bytearray(min(HASH_CHUNK, max(size, 1)))
+    if hasher is None:
+        # Threads pay only on large files: on small ones waking the pool costs more than the
+        # hashing (a tree of 2,000 small files spent a tenth of a target's time on it).
+        threads = blake3.blake3.AUTO if size >= THREADED_HASH_BYTES else 1
+        hasher = blake3.blake3(max_threads=threads)
+        start = 0
+    buf = bytearray(min(HASH_CHUNK, max(size - start, 1)))
     view = memoryview(buf)
     zeros = memoryview(_ZEROS)
-    offset = 0
-    for start, end in [*_data_extents(fd, size), (size, size)]:
-        while offset < start:  # a hole
-            n = min(len(zeros), start - offset)
+    offset = start
+    extents = [(max(lo, start), hi) for lo, hi in _data_extents(fd, size) if hi > start]
+    for data_at, end in [*extents, (size, size)]:
+        while offset < data_at:  # a hole
+            n = min(len(zeros), data_at - offset)
             hasher.update(zeros[:n])
             offset += n
         while offset < end:
