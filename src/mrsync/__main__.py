@@ -1,3 +1,13 @@
+import sys
+
+if sys.argv[1:] == ["--server"]:
+    # A target, started by the master over the remote shell: straight to the receiver,
+    # without the command line's parser and configuration files (a fifth of its start-up,
+    # paid once per target per run).
+    from mrsync.remote.server import run_server
+
+    raise SystemExit(run_server())
+
 from mrsync.cli import main
 
 raise SystemExit(main())

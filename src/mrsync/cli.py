@@ -360,13 +360,14 @@ def _write_json(f: TextIO, document: dict[str, object]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser()
-    if "--server" in argv:
+    if argv == ["--server"]:
         # A receiver: its settings all come from the master, never from files on its host.
-        args = parser.parse_args(argv)
         from mrsync.remote.server import run_server
 
         return run_server()
+    parser = build_parser()
+    if "--server" in argv:
+        parser.error("--server takes no other arguments (the master starts it)")
     defaults = config_defaults(argv, parser.prog)
     if isinstance(defaults, int):
         return defaults
