@@ -172,6 +172,15 @@ def test_multicast_crosses_the_bridge() -> None:
             assert r["n"] == 1 and r["bytes"] == 1000
             assert r["sample"].startswith("datagram 00000000")
         assert lab.master_tx_bytes() - before >= 1000 + HEADERS
+        if Path("/proc/sys/net/bridge").is_dir():
+            # The bridge forwards frames without running the IP firewall on them (br_netfilter
+            # would charge every tool's sender for it, per port flooded).
+            for table in ("iptables", "ip6tables", "arptables"):
+                out = subprocess.run(
+                    ["ip", "netns", "exec", lab.bridge_ns, "sysctl", "-n",
+                     f"net.bridge.bridge-nf-call-{table}"],
+                    capture_output=True, text=True, check=True).stdout
+                assert out.strip() == "0", table
 
 
 def test_each_datagram_crosses_on_its_own() -> None:
