@@ -12,6 +12,9 @@ caller runs in, and no host interface is ever attached to the lab. Hosts get a c
 a multicast route (224.0.0.0/4 dev eth0; IPv6 gets ff00::/8 in table local from the kernel)
 and no default route: an address outside the lab has no route at all.
 
+The bridge namespace has bridge-nf-call-{iptables,ip6tables,arptables} = 0 (where the host has
+br_netfilter loaded): frames are switched, not passed through IP netfilter hooks on the way.
+
 Per host, eth0 has segmentation and receive offloads off (tso, gso, gro, tx-udp-segmentation),
 so every datagram and TCP segment crosses the bridge as a packet of its own, as on a wire.
 With the defaults a UDP_SEGMENT (GSO) send of 10 x 1,400 bytes crosses as one 14 KB packet:
