@@ -15,7 +15,14 @@ starts. Settings of the anchors follow /work/shared/ANCHORS.md (see bench/README
 
 Root only (the lab needs it). Network safety: the script runs only in a network namespace of
 its own whose sole interface is lo; started anywhere else it re-executes itself under
-`unshare -n`. Every tool then runs inside lab namespaces, addressed by lab addresses only.
+`unshare -n -m`. Every tool then runs inside lab namespaces, addressed by lab addresses only.
+
+The targets write into a fresh ext4 filesystem with a journal (a sparse image in WORKDIR,
+loop-mounted in the bench's own mount namespace, gone when it exits; `--dest-fs dir` writes
+into WORKDIR itself). Why: on an ext4 without a journal (this host's root), the kernel skips
+every inode freed in the last minutes when it allocates one (recently_deleted()), and each run
+frees the previous run's thousands of files: creating a file then cost a target up to a third
+of its CPU (perf, unshaped tree), more with every run, whatever the tool.
 
 The table is printed and written to bench/RESULTS.md (--output), with the machine, the tool
 versions, the command line and the runs per cell. A run that did not deliver (timeout, exit
@@ -40,7 +47,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,17 +69,24 @@ READY_TIMEOUT = 15.0
 # --- network safety -------------------------------------------------------------------------
 
 
+def _own_mount_ns() -> bool:
+    """True in the namespaces ``ensure_private_netns`` re-executed us into."""
+    return os.environ.get(REEXEC_ENV) == "1"
+
+
 def ensure_private_netns() -> None:
-    """Run only where lo is the sole interface; otherwise re-exec under `unshare -n`."""
+    """Run only in a network namespace of our own whose sole interface is lo, and a mount
+    namespace of our own (for the targets' filesystem): re-exec under `unshare -n -m`."""
     others = [name for _, name in socket.if_nameindex() if name != "lo"]
-    if not others:
+    if _own_mount_ns():
+        if others:
+            sys.exit(f"lab_bench: still sees interfaces {others} after `unshare -n -m`;"
+                     " refusing to run")
         return
-    if os.environ.get(REEXEC_ENV):
-        sys.exit(f"lab_bench: still sees interfaces {others} after `unshare -n`; refusing to run")
     if shutil.which("unshare") is None or shutil.which("ip") is None:
         sys.exit("lab_bench: needs unshare (util-linux) and ip (iproute2) to isolate itself")
     os.environ[REEXEC_ENV] = "1"
-    argv = ["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$0" "$@"',
+    argv = ["unshare", "-n", "-m", "sh", "-c", 'ip link set lo up && exec "$0" "$@"',
             sys.executable, str(Path(__file__).resolve()), *sys.argv[1:]]
     sys.stdout.flush()
     os.execvp(argv[0], argv)
@@ -365,6 +379,29 @@ def set_loss(cell: Cell, udp_only: bool) -> None:
         cell.lab.set_loss(t, cell.loss_pct / 100, udp_only=udp_only)
 
 
+@contextlib.contextmanager
+def dest_filesystem(root: Path, size: int, kind: str) -> Iterator[None]:
+    """``root`` on a fresh journaled ext4 of ``size`` bytes (sparse image next to it), for the
+    duration; with kind "dir", just a directory."""
+    root.mkdir(parents=True, exist_ok=True)
+    if kind == "dir":
+        yield
+        return
+    assert _own_mount_ns(), "the targets' filesystem must not be mounted on the host"
+    image = root.with_suffix(".img")
+    with open(image, "wb") as f:
+        f.truncate(size)
+    try:
+        subprocess.run(["mkfs.ext4", "-q", "-F", "-E", "nodiscard", str(image)], check=True)
+        subprocess.run(["mount", "-o", "loop", str(image), str(root)], check=True)
+        try:
+            yield
+        finally:
+            subprocess.run(["umount", str(root)], check=False)
+    finally:
+        image.unlink(missing_ok=True)
+
+
 def prepare_dests(dests: Sequence[Path]) -> None:
     for d in dests:
         shutil.rmtree(d, ignore_errors=True)
@@ -631,6 +668,48 @@ def parse_list(text: str, kind: type, name: str) -> list[Any]:
         sys.exit(f"lab_bench: bad {name}: {text!r}")
 
 
+
+def run_cells(args: argparse.Namespace, targets: list[int], rates: list[float | None],
+              losses: list[float], datas: list[Data], tools: list[str], workdir: Path,
+              logdir: Path, results: list[CellResult], write: Any) -> None:
+    """Every cell of the matrix, in order, its results appended to ``results`` as they come
+    (``write`` rewrites the partial report after each cell)."""
+    from netlab import Lab
+
+    for n in targets:
+        with Lab(n, rate_mbit=rates[0]) as lab:
+            dests = [workdir / "dest" / f"t{i}" for i in range(n)]
+            for rate in rates:
+                lab.set_rate(rate)
+                for loss in losses:
+                    for data in datas:
+                        ref_rate = rate or 200.0
+                        limit = data.size * 8 / (ref_rate * 1e6)
+                        cell = Cell(lab, rate, loss, data, dests, logdir,
+                                    args.timeout_factor * limit, args.timeout_slack,
+                                    round(rate * 1000 * 0.95) if rate else args.uftp_unshaped_kbit,
+                                    shlex.split(args.mrsync_args),
+                                    shlex.split(args.udp_sender_args))
+                        cell_results = {t: CellResult(rate, n, loss, data, t, []) for t in tools}
+                        results.extend(cell_results.values())
+                        link = f"{rate:g}M" if rate else "unshaped"
+                        for k in range(args.runs):
+                            for tool in tools:
+                                tag = f"{link}-n{n}-l{loss:g}-{data.kind}-{tool}-r{k + 1}"
+                                run = run_tool(tool, cell, tag)
+                                cell_results[tool].runs.append(run)
+                                wall = f"{run.wall:.2f} s" if run.wall is not None else "—"
+                                print(f"[{link} N={n} loss={loss:g}% {data.kind}] {tool} run "
+                                      f"{k + 1}/{args.runs}: {wall}, wire "
+                                      f"{run.wire / data.size:.2f}x, drops {run.drops}, "
+                                      f"{run.status}, verified {run.verified}"
+                                      + (f" ({'; '.join(run.notes)})" if run.notes else ""),
+                                      flush=True)
+                        write(False)
+            for dest in dests:
+                shutil.rmtree(dest, ignore_errors=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     ap.add_argument("--targets", default="1,4,8,16", help="N targets, a list (1,4,8,16)")
@@ -646,6 +725,9 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=1, help="seed of the data (1)")
     ap.add_argument("--workdir", default="/tmp/mrsync-lab-bench",
                     help="data cache, targets and logs (/tmp/mrsync-lab-bench)")
+    ap.add_argument("--dest-fs", choices=("ext4", "dir"), default="ext4",
+                    help="where targets write: a fresh journaled ext4 image (default) or"
+                         " WORKDIR/dest as it is")
     ap.add_argument("--mrsync-args", default="", help='extra mrsync options, e.g. "--rate 190M"')
     ap.add_argument("--udp-sender-args", default="",
                     help='extra udp-sender options, e.g. "--min-wait 1"')
@@ -677,7 +759,7 @@ def main() -> int:
     ensure_private_netns()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
-    from netlab import Lab, missing_requirements
+    from netlab import missing_requirements
 
     reason = missing_requirements()
     missing = [t for t in ("rsync", "uftp", "uftpd", "udp-sender", "udp-receiver", "ss", "tar")
@@ -712,38 +794,11 @@ def main() -> int:
             Path(args.output).write_text(report(args, versions, datas, results, started,
                                                 complete))
 
-    for n in targets:
-        with Lab(n, rate_mbit=rates[0]) as lab:
-            dests = [workdir / "dest" / f"t{i}" for i in range(n)]
-            for rate in rates:
-                lab.set_rate(rate)
-                for loss in losses:
-                    for data in datas:
-                        ref_rate = rate or 200.0
-                        limit = data.size * 8 / (ref_rate * 1e6)
-                        cell = Cell(lab, rate, loss, data, dests, logdir,
-                                    args.timeout_factor * limit, args.timeout_slack,
-                                    round(rate * 1000 * 0.95) if rate else args.uftp_unshaped_kbit,
-                                    shlex.split(args.mrsync_args),
-                                    shlex.split(args.udp_sender_args))
-                        cell_results = {t: CellResult(rate, n, loss, data, t, []) for t in tools}
-                        results.extend(cell_results.values())
-                        link = f"{rate:g}M" if rate else "unshaped"
-                        for k in range(args.runs):
-                            for tool in tools:
-                                tag = f"{link}-n{n}-l{loss:g}-{data.kind}-{tool}-r{k + 1}"
-                                run = run_tool(tool, cell, tag)
-                                cell_results[tool].runs.append(run)
-                                wall = f"{run.wall:.2f} s" if run.wall is not None else "—"
-                                print(f"[{link} N={n} loss={loss:g}% {data.kind}] {tool} run "
-                                      f"{k + 1}/{args.runs}: {wall}, wire "
-                                      f"{run.wire / data.size:.2f}x, drops {run.drops}, "
-                                      f"{run.status}, verified {run.verified}"
-                                      + (f" ({'; '.join(run.notes)})" if run.notes else ""),
-                                      flush=True)
-                        write(False)
-            for dest in dests:
-                shutil.rmtree(dest, ignore_errors=True)
+    # Room for the largest cell's targets, with slack for the filesystem's own blocks.
+    dest_bytes = max(targets) * max(d.size for d in datas) * 23 // 20 + (512 << 20)
+    with contextlib.ExitStack() as cleanup:
+        cleanup.enter_context(dest_filesystem(workdir / "dest", dest_bytes, args.dest_fs))
+        run_cells(args, targets, rates, losses, datas, tools, workdir, logdir, results, write)
 
     text = report(args, versions, datas, results, started, True)
     print()
