@@ -17,12 +17,15 @@ Root only (the lab needs it). Network safety: the script runs only in a network 
 its own whose sole interface is lo; started anywhere else it re-executes itself under
 `unshare -n -m`. Every tool then runs inside lab namespaces, addressed by lab addresses only.
 
-The targets write into a fresh ext4 filesystem with a journal (a sparse image in WORKDIR,
-loop-mounted in the bench's own mount namespace, gone when it exits; `--dest-fs dir` writes
-into WORKDIR itself). Why: on an ext4 without a journal (this host's root), the kernel skips
-every inode freed in the last minutes when it allocates one (recently_deleted()), and each run
-frees the previous run's thousands of files: creating a file then cost a target up to a third
-of its CPU (perf, unshaped tree), more with every run, whatever the tool.
+The targets write into a tmpfs mounted in the bench's own mount namespace (gone when it exits):
+the lab's 16 "machines" share one disk and one page cache, which real targets do not, so the
+disk is left out of the picture for every tool alike. Two artifacts came with writing to this
+host's disk. Its root is ext4 without a journal, where the kernel skips every inode freed in
+the last minutes when it allocates one (recently_deleted()); each run frees the previous run's
+thousands of files, and creating a file cost a target up to a third of its CPU (perf,
+unshaped tree), more with every run. A fresh journaled ext4 on a loop device (`--dest-fs
+ext4`) avoids that, but 8 x 256 MiB of dirty pages, cached twice (the loop's filesystem and
+its backing file), brought writeback throttling instead. `--dest-fs dir` writes into WORKDIR.
 
 The table is printed and written to bench/RESULTS.md (--output), with the machine, the tool
 versions, the command line and the runs per cell. A run that did not deliver (timeout, exit
@@ -381,13 +384,21 @@ def set_loss(cell: Cell, udp_only: bool) -> None:
 
 @contextlib.contextmanager
 def dest_filesystem(root: Path, size: int, kind: str) -> Iterator[None]:
-    """``root`` on a fresh journaled ext4 of ``size`` bytes (sparse image next to it), for the
-    duration; with kind "dir", just a directory."""
+    """``root`` on a tmpfs of ``size`` bytes, or on a fresh journaled ext4 of that size (a
+    sparse image next to it), for the duration; with kind "dir", just a directory."""
     root.mkdir(parents=True, exist_ok=True)
     if kind == "dir":
         yield
         return
     assert _own_mount_ns(), "the targets' filesystem must not be mounted on the host"
+    if kind == "tmpfs":
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "mrlab-dest",
+                        str(root)], check=True)
+        try:
+            yield
+        finally:
+            subprocess.run(["umount", str(root)], check=False)
+        return
     image = root.with_suffix(".img")
     with open(image, "wb") as f:
         f.truncate(size)
@@ -725,9 +736,9 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=1, help="seed of the data (1)")
     ap.add_argument("--workdir", default="/tmp/mrsync-lab-bench",
                     help="data cache, targets and logs (/tmp/mrsync-lab-bench)")
-    ap.add_argument("--dest-fs", choices=("ext4", "dir"), default="ext4",
-                    help="where targets write: a fresh journaled ext4 image (default) or"
-                         " WORKDIR/dest as it is")
+    ap.add_argument("--dest-fs", choices=("tmpfs", "ext4", "dir"), default="tmpfs",
+                    help="where targets write: a tmpfs (default), a fresh journaled ext4 image,"
+                         " or WORKDIR/dest as it is")
     ap.add_argument("--mrsync-args", default="", help='extra mrsync options, e.g. "--rate 190M"')
     ap.add_argument("--udp-sender-args", default="",
                     help='extra udp-sender options, e.g. "--min-wait 1"')
