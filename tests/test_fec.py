@@ -65,8 +65,7 @@ def test_symbols_are_byte_identical_to_zfec(backend: str, k: int) -> None:
     size = 1416
     pages = _pages(rng, k, size)
     encoder = fec.BlockEncoder(pages)
-    ids = [k, min(255, k + 3)] if k < 255 else []
-    for esi in ids:
+    for esi in sorted({k, min(255, k + 3)}):  # k = 255 has one repair symbol: 255
         assert encoder.symbol(esi, due=3) == bytes(zfec.Encoder(k, 256).encode(pages, [esi])[0])
 
 
@@ -131,3 +130,16 @@ def test_isal_is_built_where_its_header_is() -> None:
     if not Path("/usr/include/isa-l/erasure_code.h").is_file():
         pytest.skip("ISA-L's header is not installed")
     assert isal_rs is not None
+
+
+def test_compiled_modules_are_refused_when_stale_absent_or_turned_off(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from mrsync import speedups as loader
+
+    assert loader._load("_no_such_module") is None
+    if isal_rs is not None:
+        assert loader._load("_isal_rs", API_VERSION=loader.ISAL_API_VERSION) is isal_rs
+        assert loader._load("_isal_rs", API_VERSION=loader.ISAL_API_VERSION + 1) is None
+        monkeypatch.setenv("MRSYNC_PURE_PYTHON", "1")
+        assert loader._load("_isal_rs", API_VERSION=loader.ISAL_API_VERSION) is None

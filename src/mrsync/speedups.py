@@ -9,6 +9,7 @@ when chasing a bug; the results are the same, only the CPU spent differs.
 
 from __future__ import annotations
 
+import importlib
 import os
 from types import ModuleType
 
@@ -18,34 +19,20 @@ API_VERSION = 4  # of _speedups.c's functions, which defines its own to match
 ISAL_API_VERSION = 1  # of _isal_rs.c's
 
 
-def _load() -> ModuleType | None:
+def _load(name: str, **versions: int) -> ModuleType | None:
+    """``mrsync.<name>`` if it was built and carries exactly ``versions`` (constants of the
+    module); None when turned off, absent (not built, or a library it links to is missing at
+    run time) or built from other sources, which are not to be trusted with the wire format."""
     if os.environ.get("MRSYNC_PURE_PYTHON", "") not in ("", "0"):
         return None
     try:
-        from mrsync import _speedups  # type: ignore[attr-defined]
+        module = importlib.import_module(f"mrsync.{name}")
     except ImportError:
         return None
-    if (
-        getattr(_speedups, "PROTOCOL_VERSION", None) != PROTOCOL_VERSION
-        or getattr(_speedups, "API_VERSION", None) != API_VERSION
-    ):
-        return None  # built from other sources: not to be trusted with the wire format
-    return _speedups  # type: ignore[no-any-return]
-
-
-speedups = _load()
-
-
-def _load_isal() -> ModuleType | None:
-    if os.environ.get("MRSYNC_PURE_PYTHON", "") not in ("", "0"):
+    if any(getattr(module, k, None) != v for k, v in versions.items()):
         return None
-    try:
-        from mrsync import _isal_rs  # type: ignore[attr-defined]
-    except ImportError:  # not built (no ISA-L headers), or libisal missing at run time
-        return None
-    if getattr(_isal_rs, "API_VERSION", None) != ISAL_API_VERSION:
-        return None
-    return _isal_rs  # type: ignore[no-any-return]
+    return module
 
 
-isal_rs = _load_isal()
+speedups = _load("_speedups", PROTOCOL_VERSION=PROTOCOL_VERSION, API_VERSION=API_VERSION)
+isal_rs = _load("_isal_rs", API_VERSION=ISAL_API_VERSION)
