@@ -62,23 +62,26 @@ if [[ ! -x $venv/bin/python ]] || ! new_enough "$venv/bin/python"; then
     fi
 fi
 
-# The compiled parts need a C compiler and Python's headers: the receive path
-# (src/mrsync/_speedups.c), and parity through Intel's ISA-L (src/mrsync/_isal_rs.c), which
-# also needs ISA-L's headers (libisal-dev). They are optional - without them mrsync runs in
+# The compiled parts need a C compiler and Python's headers: the receive path and the
+# datagrams' MAC (src/mrsync/_speedups.c), which also needs OpenSSL's headers (libssl-dev),
+# and parity through Intel's ISA-L (src/mrsync/_isal_rs.c), which also needs ISA-L's headers
+# (libisal-dev). They are optional - without them mrsync runs in
 # pure Python, or computes parity with zfec, spending more CPU for the same bytes - so they
 # are installed only where that is easy: as root, with apt-get.
 headers=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
 if { ! command -v cc >/dev/null 2>&1 || [[ ! -f $headers/Python.h ]] \
-        || [[ ! -f /usr/include/isa-l/erasure_code.h ]]; } \
+        || [[ ! -f /usr/include/isa-l/erasure_code.h ]] || [[ ! -f /usr/include/openssl/evp.h ]]; } \
         && [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
     ver=$("$venv/bin/python" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
-    say "installing a C compiler, Python and ISA-L headers (gcc, python${ver}-dev," \
-        "libisal-dev) with apt-get"
+    say "installing a C compiler, Python, OpenSSL and ISA-L headers (gcc, python${ver}-dev," \
+        "libssl-dev, libisal-dev) with apt-get"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq >/dev/null || true
     apt-get install -y -qq --no-install-recommends gcc libc6-dev "python${ver}-dev" >/dev/null \
         || apt-get install -y -qq --no-install-recommends gcc libc6-dev python3-dev >/dev/null \
         || say "could not install them: the pure-Python receive path will be used"
+    apt-get install -y -qq --no-install-recommends libssl-dev >/dev/null \
+        || say "could not install libssl-dev: the pure-Python receive path will be used"
     apt-get install -y -qq --no-install-recommends libisal-dev >/dev/null \
         || say "could not install libisal-dev: zfec will compute parity"
 fi

@@ -81,8 +81,8 @@ def test_data_run_is_the_datagrams_of_its_pages(compiled: bool,
     assert run == expected
     if compiled:  # and it was the compiled sealing that made it
         assert speedups is not None
-        hasher = packets.keyed_hasher(KEY)
-        assert speedups.seal_run(hasher, SESSION, 5, 12, 40, 900, payload, page_size) == expected
+        mac = packets.data_mac(KEY)
+        assert speedups.seal_run(mac, SESSION, 5, 12, 40, 900, payload, page_size) == expected
     # And each one decodes, authentic, to its page.
     first = decode(run[: page_size + packets.DATA_OVERHEAD], KEY, SESSION)
     assert (first.transfer, first.seq, first.obj, first.page) == (5, 900, 12, 40)  # type: ignore[union-attr]

@@ -24,8 +24,12 @@
  *       consecutive pages of one object, the views into the batch buffer; blocks whose last
  *       missing page came are appended to ``released``.
  *
- * The MAC is checked with the blake3 package's own hasher (a keyed one, reset per datagram), so
- * that the wire format has one implementation of its hash.
+ * DATA and PARITY datagrams are authenticated with AES-256-GMAC through OpenSSL's libcrypto
+ * (the ``Gmac`` type below): the datagram is the associated data of an AES-GCM encryption of
+ * nothing, its (transfer, seq) the 96-bit nonce, which the master never uses twice in a
+ * session (wire/packets.py). With AES-NI and carry-less multiply that is ~0.25 us for a
+ * 1,468-byte datagram, against ~1.2 us for the keyed BLAKE3 it replaced: a 1.4 KB message is
+ * too short for BLAKE3's parallelism, and its MAC had become a fifth of a target's CPU.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -34,10 +38,12 @@
 #include <string.h>
 #include <sys/socket.h>
 
+#include <openssl/evp.h>
+
 #define MAX_BATCH 256
 /* Bumped whenever a function here changes its arguments or results (mrsync/speedups.py
  * refuses a module built from other sources). */
-#define API_VERSION 4
+#define API_VERSION 5
 
 /* --- recv_batch ------------------------------------------------------------------------- */
 
@@ -146,46 +152,126 @@ static inline uint64_t be64(const unsigned char *p)
     return ((uint64_t)be32(p) << 32) | be32(p + 4);
 }
 
-static PyObject *str_reset, *str_update, *str_digest;
+/* --- Gmac --------------------------------------------------------------------------------
+ *
+ * Gmac(key) -> an authenticator of DATA and PARITY datagrams under one 32-byte key.
+ *   .tag(data) -> 16 bytes: AES-256-GCM over no plaintext with ``data`` as associated data and
+ *   data[12:24] (the header's transfer and seq) as the nonce.
+ * The cipher context keeps the key schedule; each tag only sets a new nonce. */
 
-/* The MAC of ``data[:len]`` into ``mac`` (MAC_SIZE bytes): 0, or -1 on a Python error.
- * ``hasher`` is a blake3 object made with the session key: reset, it hashes as a new keyed
- * hasher would, without the cost of making one per datagram. */
-static int
-mac_of(PyObject *hasher, const unsigned char *data, Py_ssize_t len, unsigned char *mac)
+#define NONCE_AT 12
+#define NONCE_SIZE 12
+
+typedef struct {
+    PyObject_HEAD
+    EVP_CIPHER_CTX *ctx;
+} GmacObject;
+
+static PyTypeObject GmacType;
+
+static PyObject *
+gmac_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
-    PyObject *r = PyObject_CallMethodNoArgs(hasher, str_reset);
-    if (r == NULL)
-        return -1;
-    Py_DECREF(r);
-    PyObject *view = PyMemoryView_FromMemory((char *)data, len, PyBUF_READ);
-    if (view == NULL)
-        return -1;
-    r = PyObject_CallMethodOneArg(hasher, str_update, view);
-    Py_DECREF(view);
-    if (r == NULL)
-        return -1;
-    Py_DECREF(r);
-    PyObject *digest = PyObject_CallMethodNoArgs(hasher, str_digest);
-    if (digest == NULL)
-        return -1;
-    int rc = -1;
-    if (PyBytes_Check(digest) && PyBytes_GET_SIZE(digest) >= MAC_SIZE) {
-        memcpy(mac, PyBytes_AS_STRING(digest), MAC_SIZE);
-        rc = 0;
-    } else {
-        PyErr_SetString(PyExc_TypeError, "the hasher's digest is not bytes of 16 or more");
+    Py_buffer key;
+    static char *kwlist[] = {"key", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "y*:Gmac", kwlist, &key))
+        return NULL;
+    GmacObject *self = NULL;
+    if (key.len != 32) {
+        PyErr_SetString(PyExc_ValueError, "Gmac: the key must be 32 bytes");
+        goto done;
     }
-    Py_DECREF(digest);
-    return rc;
+    self = (GmacObject *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        goto done;
+    self->ctx = EVP_CIPHER_CTX_new();
+    if (self->ctx == NULL ||
+        EVP_EncryptInit_ex(self->ctx, EVP_aes_256_gcm(), NULL, key.buf, NULL) != 1 ||
+        EVP_CIPHER_CTX_ctrl(self->ctx, EVP_CTRL_GCM_SET_IVLEN, NONCE_SIZE, NULL) != 1) {
+        Py_CLEAR(self);
+        PyErr_SetString(PyExc_RuntimeError, "Gmac: libcrypto refused AES-256-GCM");
+    }
+done:
+    PyBuffer_Release(&key);
+    return (PyObject *)self;
+}
+
+static void
+gmac_dealloc(GmacObject *self)
+{
+    if (self->ctx != NULL)
+        EVP_CIPHER_CTX_free(self->ctx);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* The tag of ``data[:len]`` (len >= NONCE_AT + NONCE_SIZE) into ``tag``: 0, or -1 with a
+ * Python error set. */
+static int
+gmac_tag(GmacObject *g, const unsigned char *data, Py_ssize_t len, unsigned char *tag)
+{
+    int outl;
+    unsigned char none[16];
+    if (len < NONCE_AT + NONCE_SIZE || len > INT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "Gmac: a datagram too short for its nonce");
+        return -1;
+    }
+    if (EVP_EncryptInit_ex(g->ctx, NULL, NULL, NULL, data + NONCE_AT) != 1 ||
+        EVP_EncryptUpdate(g->ctx, NULL, &outl, data, (int)len) != 1 ||
+        EVP_EncryptFinal_ex(g->ctx, none, &outl) != 1 ||
+        EVP_CIPHER_CTX_ctrl(g->ctx, EVP_CTRL_GCM_GET_TAG, MAC_SIZE, tag) != 1) {
+        PyErr_SetString(PyExc_RuntimeError, "Gmac: libcrypto failed");
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *
+gmac_tag_method(GmacObject *self, PyObject *arg)
+{
+    Py_buffer data;
+    if (PyObject_GetBuffer(arg, &data, PyBUF_SIMPLE) < 0)
+        return NULL;
+    unsigned char tag[MAC_SIZE];
+    int rc = gmac_tag(self, data.buf, data.len, tag);
+    PyBuffer_Release(&data);
+    if (rc < 0)
+        return NULL;
+    return PyBytes_FromStringAndSize((const char *)tag, MAC_SIZE);
+}
+
+static PyMethodDef gmac_methods[] = {
+    {"tag", (PyCFunction)gmac_tag_method, METH_O,
+     "tag(data) -> the 16-byte AES-256-GMAC of data, nonce data[12:24]"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject GmacType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "mrsync._speedups.Gmac",
+    .tp_basicsize = sizeof(GmacObject),
+    .tp_dealloc = (destructor)gmac_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Gmac(key): AES-256-GMAC of DATA and PARITY datagrams (see wire/packets.py)",
+    .tp_methods = gmac_methods,
+    .tp_new = gmac_new,
+};
+
+static GmacObject *
+as_gmac(PyObject *obj)
+{
+    if (!PyObject_TypeCheck(obj, &GmacType)) {
+        PyErr_SetString(PyExc_TypeError, "a Gmac is required");
+        return NULL;
+    }
+    return (GmacObject *)obj;
 }
 
 /* 1 if the MAC at the end of a datagram is right, 0 if not, -1 on a Python error. */
 static int
-mac_ok(PyObject *hasher, const unsigned char *data, Py_ssize_t len)
+mac_ok(GmacObject *g, const unsigned char *data, Py_ssize_t len)
 {
     unsigned char want[MAC_SIZE];
-    if (mac_of(hasher, data, len - MAC_SIZE, want) < 0)
+    if (gmac_tag(g, data, len - MAC_SIZE, want) < 0)
         return -1;
     /* constant time: a forger learns nothing from when the comparison stops */
     const unsigned char *got = data + len - MAC_SIZE;
@@ -211,7 +297,7 @@ static inline void put64(unsigned char *p, uint64_t v)
 
 /* --- seal_run --------------------------------------------------------------------------- */
 
-/* seal_run(hasher, session, transfer, obj, page, seq, payload, page_size) -> bytes
+/* seal_run(mac, session, transfer, obj, page, seq, payload, page_size) -> bytes
  *
  * The master's side: consecutive pages of one object (``payload`` holds them back to back,
  * the last possibly short) as DATA datagrams with consecutive seqs, back to back in one bytes
@@ -222,10 +308,12 @@ seal_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     (void)self;
     if (nargs != 8) {
         PyErr_SetString(PyExc_TypeError,
-                        "seal_run(hasher, session, transfer, obj, page, seq, payload, page_size)");
+                        "seal_run(mac, session, transfer, obj, page, seq, payload, page_size)");
         return NULL;
     }
-    PyObject *hasher = args[0];
+    GmacObject *mac = as_gmac(args[0]);
+    if (mac == NULL)
+        return NULL;
     uint64_t session = PyLong_AsUnsignedLongLong(args[1]);
     unsigned long transfer = PyLong_AsUnsignedLong(args[2]);
     unsigned long obj = PyLong_AsUnsignedLong(args[3]);
@@ -266,7 +354,7 @@ seal_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         put32(w + 24, (uint32_t)obj);
         put64(w + 28, page + (uint64_t)k);
         memcpy(w + DATA_HEADER, src + k * page_size, (size_t)len);
-        if (mac_of(hasher, w, DATA_HEADER + len, w + DATA_HEADER + len) < 0) {
+        if (gmac_tag(mac, w, DATA_HEADER + len, w + DATA_HEADER + len) < 0) {
             Py_CLEAR(out);
             goto done;
         }
@@ -278,7 +366,7 @@ done:
 }
 
 enum {
-    A_BUF, A_SLOT, A_LENS, A_START, A_COUNT, A_HASHER, A_SESSION, A_TRANSFER,
+    A_BUF, A_SLOT, A_LENS, A_START, A_COUNT, A_MAC, A_SESSION, A_TRANSFER,
     A_PAGE_SIZE, A_BLOCK_PAGES, A_CURRENT_BLOCK, A_FIRST, A_NPAGES, A_LAST_LEN, A_WANTED,
     A_MISSING, A_OBJ_MISSING, A_BLOCK_MISSING, A_HELD, A_RUNS, A_RELEASED, A_NARGS
 };
@@ -301,7 +389,10 @@ scan_data(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     long long current_block = PyLong_AsLongLong(args[A_CURRENT_BLOCK]);
     if (PyErr_Occurred())
         return NULL;
-    PyObject *hasher = args[A_HASHER], *held = args[A_HELD];
+    GmacObject *gmac = as_gmac(args[A_MAC]);
+    if (gmac == NULL)
+        return NULL;
+    PyObject *held = args[A_HELD];
     if (held != Py_None && !PyDict_Check(held)) {
         PyErr_SetString(PyExc_TypeError, "held must be a dict or None");
         return NULL;
@@ -399,7 +490,7 @@ scan_data(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             if (hold[0])
                 break; /* parity is held for it: the Python path decides when to decode */
         }
-        int mac = mac_ok(hasher, d, len);
+        int mac = mac_ok(gmac, d, len);
         if (mac < 0)
             goto done;
         if (!mac)
@@ -472,7 +563,7 @@ static PyMethodDef methods[] = {
     {"recv_batch", (PyCFunction)(void (*)(void))recv_batch, METH_FASTCALL,
      "recv_batch(fd, buffer, slot, lengths) -> datagrams received (recvmmsg, MSG_DONTWAIT)"},
     {"seal_run", (PyCFunction)(void (*)(void))seal_run, METH_FASTCALL,
-     "seal_run(hasher, session, transfer, obj, page, seq, payload, page_size) -> datagrams"},
+     "seal_run(mac, session, transfer, obj, page, seq, payload, page_size) -> datagrams"},
     {"scan_data", (PyCFunction)(void (*)(void))scan_data, METH_FASTCALL,
      "The receiver's common DATA path over a batch; see engine/receiver.py."},
     {NULL, NULL, 0, NULL},
@@ -487,14 +578,17 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC
 PyInit__speedups(void)
 {
-    str_reset = PyUnicode_InternFromString("reset");
-    str_update = PyUnicode_InternFromString("update");
-    str_digest = PyUnicode_InternFromString("digest");
-    if (str_reset == NULL || str_update == NULL || str_digest == NULL)
+    if (PyType_Ready(&GmacType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;
+    Py_INCREF(&GmacType);
+    if (PyModule_AddObject(m, "Gmac", (PyObject *)&GmacType) < 0) {
+        Py_DECREF(&GmacType);
+        Py_DECREF(m);
+        return NULL;
+    }
     if (PyModule_AddIntConstant(m, "PROTOCOL_VERSION", MRSYNC_PROTOCOL_VERSION) < 0 ||
         PyModule_AddIntConstant(m, "API_VERSION", API_VERSION) < 0 ||
         PyModule_AddIntConstant(m, "MAX_BATCH", MAX_BATCH) < 0) {

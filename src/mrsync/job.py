@@ -56,6 +56,7 @@ from mrsync.engine.sender import (
     SendPage,
     SendParity,
     SendRun,
+    catch_up_first_seq,
 )
 from mrsync.io.net import IP_UDP_HEADERS, Batcher, Endpoint, interface_mtu, open_sender
 from mrsync.io.source import BlobPages, FilePages, ParitySymbols
@@ -353,7 +354,8 @@ class Job:
         self._run_flows([Flow(sender, source, group, ParitySymbols(layout, source))], what)
         self.reporter.log(2, f"transfer {transfer} ({what}) done")
         # Catch-up: each target that sat out gets what it still lacks, by unicast, with its
-        # own sender, all at once. The numbering of seqs continues where the group's ended.
+        # own sender, all at once. Each flow numbers its seqs from a range of its own past
+        # the group's, so that no two datagrams of the session share a MAC nonce.
         behind = [t for t in self.targets
                   if t.alive and t.sat_out and transfer not in t.done and t.hello is not None]
         if behind:
@@ -366,7 +368,7 @@ class Job:
                     session=self.session, window=self.window, rate=self.options.rate,
                     now=time.monotonic(), sitout_lag=None,
                     silence_timeout=self.options.silence_timeout,
-                    first_seq=sender.last_seq, repair_only=True,
+                    first_seq=catch_up_first_seq(sender.last_seq, t.rid), repair_only=True,
                     rate_control=self.options.rate_control,
                     datagram_bytes=self.max_datagram + IP_UDP_HEADERS[ep.family],
                 )

@@ -41,10 +41,10 @@ from mrsync.wire import (
     DecodeError,
     Parity,
     Poll,
+    data_mac,
     decode,
     decode_data,
     encode_feedback,
-    keyed_hasher,
 )
 
 _U32_MAX = 0xFFFFFFFF
@@ -254,7 +254,7 @@ class Receiver:
         while i < count:
             if self.missing:
                 stop, new, seq_max, received, duplicates, unwanted, new_bytes = fast.scan_data(
-                    view, slot, lengths, i, count, keyed_hasher(self._key), self._session,
+                    view, slot, lengths, i, count, data_mac(self._key), self._session,
                     self.transfer, self._page, self._block_pages, self._current_block,
                     self._first, self._npages, self._last_len, self._wanted,
                     self._missing_pages, self._obj_missing, self._block_missing,

@@ -114,6 +114,22 @@ class ReceiverSatOut:
 # to a third of the link. 10 ms is 250 KB at 200 Mbit/s: a burst any switch port absorbs.
 PACING_CREDIT = 0.010
 
+# A transfer's unicast catch-up flows (one per target that sat out) number their datagrams
+# from ranges of their own, 2**40 seqs apart, past the multicast flow's last: every DATA and
+# PARITY datagram of a session then has its own (transfer, seq), the nonce of its GMAC
+# (wire/packets.py), which must never come with two different messages. 2**40 datagrams are
+# over a petabyte; 2**23 targets fit below 2**64.
+CATCH_UP_SEQS = 1 << 40
+
+
+def catch_up_first_seq(group_last_seq: int, receiver: int) -> int:
+    """The seq a catch-up flow to ``receiver`` starts after (its ``first_seq``), once the
+    multicast flow of the transfer has ended at ``group_last_seq``."""
+    if not 0 <= group_last_seq < CATCH_UP_SEQS or not 0 <= receiver < (1 << 23) - 1:
+        raise ValueError("seq or receiver id out of the catch-up numbering's range")
+    return group_last_seq + (receiver + 1) * CATCH_UP_SEQS
+
+
 SenderAction = SendPage | SendRun | SendParity | SendDatagram | ReceiverLost | ReceiverSatOut
 
 

@@ -15,6 +15,7 @@ from mrsync.wire.packets import (
     PacketType,
     Parity,
     Poll,
+    data_mac,
     decode,
     decode_data,
     encode_data,
@@ -22,7 +23,6 @@ from mrsync.wire.packets import (
     encode_feedback,
     encode_parity,
     encode_poll,
-    keyed_hasher,
     max_feedback_ranges,
 )
 
@@ -48,6 +48,6 @@ __all__ = [
     "encode_feedback",
     "encode_parity",
     "encode_poll",
-    "keyed_hasher",
+    "data_mac",
     "max_feedback_ranges",
 ]

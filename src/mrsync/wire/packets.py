@@ -6,10 +6,26 @@ Every datagram is::
     common header | type fields | payload | MAC
 
     common header (12 bytes): magic b"MR", version u8, type u8, session_id u64
-    MAC (16 bytes):           keyed BLAKE3 over everything before it
+    MAC (16 bytes):           over everything before it, with a key derived from the session's
 
 All integers are in network byte order, so masters and targets of different architectures
 agree. Page numbers and sequence numbers are u64 so that offsets past 4 GiB are representable.
+
+Two MACs, one per direction of traffic:
+
+* DATA and PARITY, the master's hundreds of thousands of datagrams a second, carry an
+  AES-256-GMAC: AES-GCM encrypting nothing, with the datagram as associated data and its
+  header's (transfer u32, seq u64), bytes 12-24, as the 96-bit nonce. GMAC must never see one
+  nonce with two different messages under one key, so the master gives every DATA and PARITY
+  datagram of a session its own (transfer, seq): each transfer has its own number, every
+  datagram of a flow takes the next seq, and the unicast catch-up flows that follow a
+  transfer number theirs from ranges of their own (``engine.sender.catch_up_first_seq``).
+  A replayed datagram repeats the message along with the nonce, which reveals nothing. With
+  AES-NI a tag costs ~0.25 us for 1,468 bytes, against ~1.2 us for keyed BLAKE3, whose speed
+  needs longer messages than a datagram; at one tag per datagram that was a fifth of a
+  target's CPU.
+* POLL and FEEDBACK carry a keyed BLAKE3: they are few, the targets send FEEDBACK too, and
+  they could not keep nonces apart from one another.
 
 This module does no I/O and keeps no state; the state machines in ``mrsync.engine`` decide what
 to send and what a decoded packet means. In particular the MAC proves only that a datagram came
@@ -24,12 +40,18 @@ import functools
 import struct
 from collections.abc import Sequence
 from hmac import compare_digest
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, cast
 
 from blake3 import blake3
 
 from mrsync import PROTOCOL_VERSION
 from mrsync.speedups import speedups as _speedups
+
+if TYPE_CHECKING:
+    from typing import Protocol
+
+    class DataMac(Protocol):
+        def tag(self, data: bytes | memoryview, /) -> bytes: ...
 
 MAGIC = b"MR"
 MAC_SIZE = 16
@@ -135,6 +157,38 @@ _PARITY_TYPE = int(PacketType.PARITY)
 _POLL_TYPE = int(PacketType.POLL)
 
 
+_DATA_MAC_KEY_CONTEXT = b"mrsync 2: the AES-256-GMAC key of DATA and PARITY datagrams"
+_NONCE_AT = 12  # the nonce is the header's transfer and seq: bytes 12-24
+_NONCE_END = 24
+
+
+class _PythonGmac:
+    """AES-256-GMAC through the ``cryptography`` package: the same tags as the compiled
+    ``_speedups.Gmac``, for hosts where that was not built."""
+
+    __slots__ = ("_aead",)
+
+    def __init__(self, key: bytes) -> None:
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+        self._aead = AESGCM(key)
+
+    def tag(self, data: bytes | memoryview, /) -> bytes:
+        if len(data) < _NONCE_END:
+            raise ValueError("a datagram too short for its nonce")
+        return self._aead.encrypt(bytes(data[_NONCE_AT:_NONCE_END]), b"", bytes(data))
+
+
+@functools.lru_cache(maxsize=4)
+def data_mac(key: bytes) -> DataMac:
+    """The authenticator of DATA and PARITY datagrams under a session key (one per key, kept:
+    it holds the expanded AES key)."""
+    derived = blake3(_DATA_MAC_KEY_CONTEXT, key=key).digest()
+    if _speedups is not None:
+        return cast("DataMac", _speedups.Gmac(derived))
+    return _PythonGmac(derived)
+
+
 def _mac(key: bytes, *parts: bytes | memoryview) -> bytes:
     # Feed the parts one by one instead of concatenating: the payload is never copied just to
     # be authenticated.
@@ -150,11 +204,9 @@ def _mac(key: bytes, *parts: bytes | memoryview) -> bytes:
 
 
 def _seal(key: bytes, head: bytes, payload: bytes | memoryview) -> bytes:
-    """Header, payload and their MAC, hashed in two parts so the payload is never copied just
-    to be authenticated (this runs for every page and repair symbol sent)."""
-    h = blake3(head, key=key)
-    h.update(payload)
-    return b"".join((head, payload, h.digest(length=MAC_SIZE)))
+    """A DATA or PARITY datagram: header, payload and their GMAC."""
+    message = head + payload
+    return message + data_mac(key).tag(message)
 
 
 def encode_data(
@@ -185,7 +237,7 @@ def encode_data_run(
     last possibly short) as DATA datagrams with seqs from ``seq`` on, back to back: the
     concatenation of what :func:`encode_data` gives page by page, ready for one GSO send."""
     if _speedups is not None:
-        return bytes(_speedups.seal_run(keyed_hasher(key), session, transfer, obj, page, seq,
+        return bytes(_speedups.seal_run(data_mac(key), session, transfer, obj, page, seq,
                                         payload, page_size))
     view = memoryview(payload)
     return b"".join(
@@ -193,13 +245,6 @@ def encode_data_run(
                     view[at : at + page_size])
         for k, at in enumerate(range(0, len(view), page_size))
     )
-
-
-@functools.lru_cache(maxsize=4)
-def keyed_hasher(key: bytes) -> blake3:
-    """A blake3 hasher with the session key, one per key: the compiled paths reset it before
-    each datagram they seal or check, instead of making a hasher per datagram."""
-    return blake3(key=key)
 
 
 def encode_parity(
@@ -285,7 +330,7 @@ def decode_data(
     if magic != MAGIC or version != PROTOCOL_VERSION or sess != session:
         return None
     end = n - MAC_SIZE
-    if not compare_digest(blake3(mv[:end], key=key).digest(length=MAC_SIZE), mv[end:]):
+    if not compare_digest(data_mac(key).tag(mv[:end]), mv[end:]):
         return None
     return transfer, seq, obj, page, mv[_DATA_SIZE:end]
 
@@ -320,8 +365,12 @@ def decode(datagram: bytes | memoryview, key: bytes, session: int) -> Packet:
     if ptype not in _TYPES:
         raise DecodeError(DropReason.TYPE)
     end = n - MAC_SIZE
-    h = blake3(mv[:end], key=key)
-    if not compare_digest(h.digest(length=MAC_SIZE), mv[end:]):
+    if ptype in (_DATA_TYPE, _PARITY_TYPE):
+        # Too short to hold its nonce, it cannot be authenticated: a MAC drop.
+        tag = data_mac(key).tag(mv[:end]) if end >= _NONCE_END else b""
+    else:
+        tag = blake3(mv[:end], key=key).digest(length=MAC_SIZE)
+    if not compare_digest(tag, mv[end:]):
         raise DecodeError(DropReason.MAC)
 
     if ptype == _DATA_TYPE:  # the hot path: keep it first and short
