@@ -19,13 +19,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TextIO
 
-from rich.console import Console, Group
-from rich.live import Live
-from rich.progress_bar import ProgressBar
-from rich.table import Table
-from rich.text import Text
-
 if TYPE_CHECKING:
+    # rich is imported when the live display starts: without one (--no-progress, not a
+    # terminal) it is a quarter of the master's start-up that nothing uses.
+    from rich.console import Console, Group
+    from rich.live import Live
+
     from mrsync.job import JobResult, Target
 
 JSON_VERSION = 1
@@ -117,8 +116,7 @@ class Reporter:
         self.out = out or sys.stdout  # what the user asked to see: dry-run list, --stats
         self.link_rate = link_rate  # bytes per second of the --rate cap, if any
         self._want_progress = progress
-        self._console = Console(file=self.stream, force_terminal=True if progress else None,
-                                highlight=False)
+        self._console_made: Console | None = None
         self._live: Live | None = None
         self._provider: Callable[[], list[TargetView]] | None = None
         self._labels: dict[str, str] = {}
@@ -135,12 +133,23 @@ class Reporter:
         self._last_log = 0.0
         self._start = time.monotonic()
 
+    @property
+    def _console(self) -> Console:
+        if self._console_made is None:
+            from rich.console import Console
+
+            self._console_made = Console(file=self.stream, highlight=False,
+                                         force_terminal=True if self._want_progress else None)
+        return self._console_made
+
     # -- events from the job ----------------------------------------------------------------
 
     def watch(self, provider: Callable[[], list[TargetView]]) -> None:
         """The job's view of its targets; from now on the live display (if any) shows it."""
         self._provider = provider
         if self._want_progress and self._live is None:
+            from rich.live import Live
+
             self._live = Live(console=self._console, auto_refresh=False, transient=False,
                               redirect_stdout=False, redirect_stderr=False)
             self._live.start()
@@ -259,6 +268,11 @@ class Reporter:
         return shown, f"… {len(views) - len(shown)} more: {more}"
 
     def _render(self, views: list[TargetView]) -> Group:
+        from rich.console import Group
+        from rich.progress_bar import ProgressBar
+        from rich.table import Table
+        from rich.text import Text
+
         if len(self._labels) != len(views):
             self._labels = _labels(views)
         line1, line2 = self._overall(views)

@@ -49,8 +49,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import secrets
-import shutil
 import stat
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -154,7 +152,7 @@ def _split(path: bytes) -> tuple[bytes, bytes]:
 
 
 def _temp_name(base: bytes, tag: str = "") -> bytes:
-    return b"." + base[:_TEMP_BASE_MAX] + b".mrsync." + tag.encode() + secrets.token_hex(4).encode()
+    return b"." + base[:_TEMP_BASE_MAX] + b".mrsync." + tag.encode() + os.urandom(4).hex().encode()
 
 
 _SETID = stat.S_ISUID | stat.S_ISGID
@@ -784,6 +782,8 @@ class FileStore:
             os.rename(aside, base, src_dir_fd=dfd, dst_dir_fd=dfd)
             raise
         try:
+            import shutil  # rarely needed; imported then, not at every target's start
+
             shutil.rmtree(aside, dir_fd=dfd)
         except OSError as exc:
             self._record(entry.path, f"old directory left as {display(aside)}: {_strerror(exc)}")
@@ -989,6 +989,8 @@ class FileStore:
         if st is None:
             return
         if stat.S_ISDIR(st.st_mode):
+            import shutil
+
             shutil.rmtree(bak, dir_fd=bfd)
         else:
             os.unlink(bak, dir_fd=bfd)

@@ -14,7 +14,6 @@ import selectors
 import socket
 import sys
 import time
-import traceback
 
 import blake3
 
@@ -326,6 +325,8 @@ def run_server() -> int:
     except ProtocolError as exc:
         return fail(str(exc))
     except Exception as exc:  # report, rather than vanish, on a bug
+        import traceback  # only here: a target's start-up is paid once per target per run
+
         traceback.print_exc()
         return fail(f"internal error: {exc!r}")
     finally:
