@@ -68,6 +68,17 @@ class Ready(msgspec.Struct, tag=True):
     transfer: int
 
 
+class Digests(msgspec.Struct, tag=True):
+    """Master -> target: content digests of files of data transfer ``transfer`` whose
+    manifest entries had none (``Manifest.digests_follow``), computed by the master from the
+    bytes it sent. ``digests[i]`` is the blake3-256 of file ``files[i]``; b"" means the file
+    changed while it was read, and the target must refuse it."""
+
+    transfer: int
+    files: list[int]
+    digests: list[bytes]
+
+
 class Needs(msgspec.Struct, tag=True):
     """Target -> master: the files whose content this target lacks (bitmap, as above)."""
 
@@ -107,7 +118,10 @@ class Bye(msgspec.Struct, tag=True):
     """Master -> target: the session is over; clean up and exit."""
 
 
-Message = Hello | HelloOk | StartTransfer | Ready | Needs | TransferDone | Result | Failure | Bye
+Message = (
+    Hello | HelloOk | StartTransfer | Ready | Digests | Needs | TransferDone | Result | Failure
+    | Bye
+)
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder: msgspec.msgpack.Decoder[Message] = msgspec.msgpack.Decoder(Message)

@@ -28,6 +28,7 @@ import blake3
 from mrsync import PROTOCOL_VERSION, exitcodes
 from mrsync.control import (
     Bye,
+    Digests,
     Failure,
     FileFailure,
     FrameReader,
@@ -80,6 +81,9 @@ HANDSHAKE_TIMEOUT = 30.0  # seconds for a target to start and answer
 WINDOW_BYTES = 12 * 1024 * 1024  # in flight beyond the slowest target: a third of its buffer
 
 Address = tuple[str, int] | tuple[str, int, int, int]
+# How often the digests of files read to their end go to the targets: a file's last page
+# and its digest then reach a target about together, in few control messages.
+DIGESTS_EVERY = 0.01
 
 
 @dataclass
@@ -215,6 +219,7 @@ class Job:
         self.report_every = report_every_for(len(options.targets), self.window, self.page_size)
         self._phase = "starting"  # starting, planning, data, finishing: for the progress view
         self._data_transfer = 0
+        self._digests_due = 0.0  # when completed file digests go out next
 
     # -- the whole job ----------------------------------------------------------------------
 
@@ -231,7 +236,10 @@ class Job:
             # The targets start up (a remote shell, an interpreter) while SRC is scanned and
             # hashed here: neither waits for the other.
             self._start_targets()
-            manifest = scan_source(self.options.source, warnings, options=self.options.sync)
+            # Content digests are needed up front only to compare content (-c); otherwise
+            # they are computed while the files are sent, and follow them.
+            manifest = scan_source(self.options.source, warnings, options=self.options.sync,
+                                   hash_files=self.options.sync.checksum)
             for w in warnings:
                 self.reporter.warn(w)
             blob = encode_manifest(manifest)
@@ -294,7 +302,10 @@ class Job:
         sources: list[FilePages] = []
 
         def open_source() -> FilePages:
-            sources.append(FilePages(root, manifest, self.page_size))
+            # The first source serves the multicast flow, whose first pass reads every file
+            # in order: it hashes them (the catch-up flows come after, digests all sent).
+            owed = union if manifest.digests_follow and not sources else ()
+            sources.append(FilePages(root, manifest, self.page_size, digest=owed))
             return sources[-1]
 
         union_set = set(union)
@@ -436,11 +447,26 @@ class Job:
             if not (flow.first_pass_logged or flow.catch_up) and flow.sender.first_pass_done:
                 flow.first_pass_logged = True  # what follows is repair: say when it began
                 self.reporter.log(2, f"transfer {flow.sender.transfer}: every page sent once")
+                if isinstance(flow.source, FilePages):
+                    self._send_digests(flow.sender.transfer, flow.source.finish_digests())
+            elif isinstance(flow.source, FilePages) and now >= self._digests_due:
+                self._send_digests(flow.sender.transfer, flow.source.take_digests())
+                self._digests_due = now + DIGESTS_EVERY
             # Measured from after the step: sleeping as long as the step took would halve
             # the send rate.
             after = time.monotonic()
             wait = min(wait, flow.sender.next_wakeup(after) - after)
         return wait
+
+    def _send_digests(self, transfer: int, digests: list[tuple[int, bytes]]) -> None:
+        """The digests of files just read to the end, to every live target (each one needs
+        those of the files it wants; sorting that out would cost more than the bytes)."""
+        if not digests:
+            return
+        message = Digests(transfer, [obj for obj, _ in digests], [d for _, d in digests])
+        for t in self.targets:
+            if t.alive:
+                self._send(t, message)
 
     def _fail_laggards(self, until: Callable[[], bool], reason: str) -> None:
         for t in self.targets:

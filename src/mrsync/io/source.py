@@ -1,10 +1,14 @@
 """Reading pages of the source for the sender: the manifest blob from memory, files by
-``pread`` through a small cache of open descriptors."""
+``pread`` through a small cache of open descriptors, hashing files as the first pass reads
+them."""
 
 from __future__ import annotations
 
 import os
 from collections import OrderedDict
+from collections.abc import Iterable
+
+import blake3
 
 from mrsync.engine.fec import BlockEncoder
 from mrsync.engine.layout import Layout
@@ -27,17 +31,33 @@ class BlobPages:
 class FilePages:
     """Pages of the manifest's files. A file that shrank since the scan yields zeros where its
     bytes are gone: the targets then refuse it on the digest, with a clear error, instead of
-    the session waiting forever for a page of the announced length."""
+    the session waiting forever for a page of the announced length.
+
+    With ``digest``, the files whose digests the manifest left out (``digests_follow``) are
+    hashed from the very bytes read to be sent, as rsync computes its whole-file checksum
+    while sending: the first pass reads each file front to back, so every byte is hashed
+    once, and the source is read once instead of twice (once at the scan, once to send).
+    ``take_digests`` hands out the digests completed since it was last called; a file that
+    could not be hashed that way (read out of order, or short) is hashed, or refused, by
+    ``finish_digests`` at the end of the first pass."""
 
     MAX_OPEN = 64
 
-    def __init__(self, base: bytes, manifest: Manifest, page_size: int) -> None:
+    def __init__(
+        self, base: bytes, manifest: Manifest, page_size: int, *, digest: Iterable[int] = ()
+    ) -> None:
         self._base = base
         self._entries = manifest.entries
         self._page_size = page_size
         self._fds: OrderedDict[int, int] = OrderedDict()
         self.short_reads: set[int] = set()
         self._chunk: tuple[int, int, memoryview] = (-1, 0, memoryview(b""))
+        # obj -> (hasher, bytes hashed so far): files being hashed as they are read
+        self._hashing: dict[int, tuple[blake3.blake3, int]] = {
+            obj: (blake3.blake3(), 0) for obj in digest if self._entries[obj].size > 0
+        }
+        self._unhashed: set[int] = set()  # read out of order: hashed at the end instead
+        self._digests: list[tuple[int, bytes]] = []  # completed, not yet taken
 
     def _fd(self, obj: int) -> int:
         fd = self._fds.get(obj)
@@ -70,7 +90,48 @@ class FilePages:
             self.short_reads.add(obj)
             return data + bytes(length - len(data))
         self._chunk = (obj, offset, memoryview(data))
+        if obj in self._hashing:
+            self._hash(obj, offset, self._chunk[2])
         return self._chunk[2][:length]
+
+    def _hash(self, obj: int, offset: int, data: memoryview) -> None:
+        hasher, done = self._hashing[obj]
+        size = self._entries[obj].size
+        if offset > done:  # a gap: not the first pass's order after all
+            del self._hashing[obj]
+            self._unhashed.add(obj)
+            return
+        end = min(offset + len(data), size)  # a file that grew: its announced bytes only
+        if end <= done:
+            return  # bytes hashed already (a repair or parity read)
+        hasher.update(data[done - offset : end - offset])
+        if end < size:
+            self._hashing[obj] = (hasher, end)
+        else:
+            del self._hashing[obj]
+            self._digests.append((obj, hasher.digest()))
+
+    def take_digests(self) -> list[tuple[int, bytes]]:
+        """(file, digest) of the files hashed to their end since the last call. A file that
+        came up short while it was read gets b"": its targets refuse it."""
+        taken, self._digests = self._digests, []
+        return [(obj, b"" if obj in self.short_reads else d) for obj, d in taken]
+
+    def finish_digests(self) -> list[tuple[int, bytes]]:
+        """At the end of the first pass: the digests still owed, hashed from the file now."""
+        from mrsync.plan.scan import hash_fd  # the scanner's reader: holes, short files
+
+        owed = sorted(self._unhashed | set(self._hashing))
+        self._unhashed.clear()
+        self._hashing.clear()
+        for obj in owed:
+            size = self._entries[obj].size
+            try:
+                digest, hashed = hash_fd(self._fd(obj), size)
+            except OSError:
+                digest, hashed = b"", 0
+            self._digests.append((obj, digest if hashed == size else b""))
+        return self.take_digests()
 
     def close(self) -> None:
         for fd in self._fds.values():

@@ -55,17 +55,14 @@ from collections.abc import Iterable
 from types import TracebackType
 from typing import NamedTuple
 
-import blake3
-
 from mrsync.io.running_digest import MIN_SIZE as RUNNING_DIGEST_MIN
 from mrsync.io.running_digest import RunningDigest
 from mrsync.plan.manifest import Entry, Kind, Manifest
 from mrsync.plan.options import SyncOptions
-from mrsync.plan.scan import display, hash_fd
+from mrsync.plan.scan import EMPTY_DIGEST, display, hash_fd
 
 MAX_OPEN_FILES = 64  # temp files kept open at once; more are closed and reopened on demand
 MAX_DIR_FDS = 64  # cached directory fds (see module docstring)
-EMPTY_DIGEST: bytes = blake3.blake3(b"").digest()
 
 _O_PATH = getattr(os, "O_PATH", os.O_RDONLY)
 _DIR_WALK = _O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -420,8 +417,9 @@ class FileStore:
         except _ERRORS as exc:
             self._fail(file_id, f"write failed: {_strerror(exc)}")
 
-    def finish_file(self, file_id: int) -> FileError | None:
-        """All pages are written: check the digest, set owner/mode/mtime, rename into place.
+    def finish_file(self, file_id: int, digest: bytes | None = None) -> FileError | None:
+        """All pages are written: check the digest (``digest``, or the manifest's), set
+        owner/mode/mtime, rename into place.
 
         Returns None when the new content is in place. On a digest mismatch or an I/O error
         the temp file is removed, the old copy kept, and the (recorded) error returned.
@@ -440,8 +438,9 @@ class FileStore:
             fd = self._temp_fd(file_id)
             st = os.fstat(fd)
             running = self._running.pop(file_id, None)
-            digest = running.digest(fd) if running is not None else hash_fd(fd, entry.size)[0]
-            if st.st_size != entry.size or digest != entry.digest:
+            got = running.digest(fd) if running is not None else hash_fd(fd, entry.size)[0]
+            want = entry.digest if digest is None else digest
+            if st.st_size != entry.size or got != want:
                 return self._fail(file_id, "digest mismatch")
             self._set_meta_fd(fd, entry, st)
             dfd = self._dirfd(parent)

@@ -68,14 +68,14 @@ def _check_path(path: bytes, index: int) -> None:
             raise UnsafePath(shown, "'.' component")
 
 
-def _check_fields(entry: Entry) -> None:
+def _check_fields(entry: Entry, digests_follow: bool) -> None:
     shown = display(entry.path)
     if not 0 <= entry.mode <= _MAX_MODE:
         raise UnsafePath(shown, f"invalid mode {entry.mode:#o}")
     if entry.kind == Kind.FILE:
         if entry.size < 0:
             raise UnsafePath(shown, f"invalid size {entry.size}")
-        if len(entry.digest) != 32:
+        if len(entry.digest) != 32 and not (digests_follow and entry.size and not entry.digest):
             raise UnsafePath(shown, "file without a 32-byte digest")
     elif entry.size != 0:
         raise UnsafePath(shown, "non-file with a size")
@@ -95,8 +95,9 @@ def validate_manifest(manifest: Manifest) -> None:
     whose parent entry is missing, comes later, or is not a DIR. Top-level names
     (no ``/``) need no parent entry. Also refused, because the store relies on them: modes
     beyond 0o7777, mtimes beyond 64 bits, uids/gids outside 0..2**32-2, FILEs without a
-    32-byte digest or with a negative size, sizes on non-files, empty symlink targets or
-    targets containing NUL.
+    32-byte digest (none at all is allowed on a non-empty one when the digests follow the
+    data) or with a negative size, sizes on non-files, empty symlink targets or targets
+    containing NUL.
 
     Symlink *targets* may be absolute or contain ``..``: they are recorded, never followed.
     """
@@ -115,7 +116,7 @@ def validate_manifest(manifest: Manifest) -> None:
                 raise UnsafePath(display(path), "parent directory is not in the manifest before it")
             if parent_kind != Kind.DIR:
                 raise UnsafePath(display(path), "parent is not a directory")
-        _check_fields(entry)
+        _check_fields(entry, manifest.digests_follow)
         kinds[path] = entry.kind
 
 

@@ -41,6 +41,9 @@ class Entry(msgspec.Struct, array_like=True, frozen=True):
 
 class Manifest(msgspec.Struct, array_like=True, frozen=True):
     entries: list[Entry]
+    # True: non-empty FILE entries carry no digest (b""); each one's digest follows, on the
+    # control stream, once the master has read the file to send it (control.Digests).
+    digests_follow: bool = False
 
 
 _encoder = msgspec.msgpack.Encoder()

@@ -158,12 +158,21 @@ def hash_file(path: bytes, size: int, warnings: list[str] | None = None) -> byte
     return digest
 
 
-def _entry(rel: bytes, full: bytes, st: os.stat_result, warnings: list[str] | None) -> Entry | None:
-    """The manifest entry for one lstat result; None (and a warning) for special files."""
+EMPTY_DIGEST: bytes = blake3.blake3(b"").digest()
+
+
+def _entry(
+    rel: bytes, full: bytes, st: os.stat_result, warnings: list[str] | None, hash_files: bool
+) -> Entry | None:
+    """The manifest entry for one lstat result; None (and a warning) for special files.
+    Without ``hash_files`` a non-empty file gets no digest: it follows the data."""
     mode = st.st_mode
     perm, mtime, uid, gid = stat.S_IMODE(mode), st.st_mtime_ns, st.st_uid, st.st_gid
     if stat.S_ISREG(mode):
-        digest = hash_file(full, st.st_size, warnings)
+        if hash_files:
+            digest = hash_file(full, st.st_size, warnings)
+        else:
+            digest = EMPTY_DIGEST if st.st_size == 0 else b""
         return Entry(rel, Kind.FILE, perm, st.st_size, mtime, uid, gid, digest=digest)
     if stat.S_ISDIR(mode):
         return Entry(rel, Kind.DIR, perm, 0, mtime, uid, gid)
@@ -261,7 +270,11 @@ def check_source(src: str) -> os.stat_result:
 
 
 def scan_source(
-    src: str, warnings: list[str] | None = None, *, options: SyncOptions | None = None
+    src: str,
+    warnings: list[str] | None = None,
+    *,
+    options: SyncOptions | None = None,
+    hash_files: bool = True,
 ) -> Manifest:
     """Scan SRC (see the module docstring). Special files are skipped with a warning appended
     to ``warnings``; anything unreadable raises :class:`ScanError`.
@@ -276,6 +289,11 @@ def scan_source(
     * ``hard_links`` (``-H``): a FILE whose (st_dev, st_ino) was already seen in this scan
       gets ``link`` = the index of the first one, with its size and digest (not hashed
       again). A file whose other names are all outside the tree (or excluded) is a normal file.
+
+    Without ``hash_files``, non-empty files get no digest and the manifest says so
+    (``digests_follow``): the master hashes them while it sends them (``FilePages``), and the
+    targets check them against the digests that follow, on the control stream. The source is
+    then read once, and the transfer starts without reading it first.
     """
     opts = options if options is not None else SyncOptions()
     filt = Filter(opts.rules)
@@ -290,12 +308,12 @@ def scan_source(
         return Manifest([])
     if stat.S_ISDIR(st.st_mode):
         rel_root = b"" if contents else base
-        top = _entry(b"." if contents else base, bsrc, st, warnings)
+        top = _entry(b"." if contents else base, bsrc, st, warnings, hash_files)
     elif stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode):
         # A trailing slash on a non-directory already failed in lstat (ENOTDIR).
-        top = _entry(base, bsrc, st, warnings)
+        top = _entry(base, bsrc, st, warnings, hash_files)
         assert top is not None
-        return Manifest([top])
+        return Manifest([top], digests_follow=not hash_files)
     else:
         raise ScanError(display(bsrc), "not a regular file, directory or symlink")
     assert top is not None
@@ -360,14 +378,14 @@ def scan_source(
                 link=first,
             )
         else:
-            new = _entry(rel, full, cst, warnings)
+            new = _entry(rel, full, cst, warnings, hash_files)
         if new is None:
             continue
         emit_parents()
         if opts.hard_links and first is None and new.kind == Kind.FILE and cst.st_nlink > 1:
             inodes[key] = len(entries)
         entries.append(new)
-    return Manifest(entries)
+    return Manifest(entries, digests_follow=not hash_files)
 
 
 __all__ = [

@@ -20,6 +20,7 @@ import blake3
 from mrsync import PROTOCOL_VERSION
 from mrsync.control import (
     Bye,
+    Digests,
     FileFailure,
     FrameReader,
     Hello,
@@ -104,6 +105,12 @@ class TargetSession:
         self.deleted = 0
         self.finished = False
         self.batch: BatchReceiver | None = None
+        # Digests that follow the data (Manifest.digests_follow): those that came, the files
+        # whose pages are all written but whose digest has not come yet, and the data
+        # transfer whose end waits for those.
+        self.digests: dict[int, bytes] = {}
+        self.unverified: set[int] = set()
+        self.finish_waits: int | None = None
 
     def send(self, message: Message) -> None:
         data = frame(message)
@@ -117,6 +124,8 @@ class TargetSession:
         """Returns False when the session is over."""
         if isinstance(message, StartTransfer):
             self.start_transfer(message)
+        elif isinstance(message, Digests):
+            self.on_digests(message)
         elif isinstance(message, Bye):
             return False
         else:
@@ -182,13 +191,14 @@ class TargetSession:
                     self.unicast.sendto(action.data, self.feedback_addr)
             elif isinstance(action, ObjectComplete):
                 if self.kind == "data":
-                    assert self.store is not None
-                    self.store.finish_file(action.obj)
+                    self.finish_file(action.obj)
             elif isinstance(action, TransferComplete):
                 if self.kind == "manifest":
                     self.plan()
                 elif self.kind == "rtt":
                     self.send(TransferDone(action.transfer))
+                elif self.unverified:
+                    self.finish_waits = action.transfer  # until their digests come
                 else:
                     self.finish(action.transfer)
 
@@ -226,6 +236,34 @@ class TargetSession:
         except (StoreError, ValueError) as exc:
             raise _Fatal(str(exc)) from exc
         self.send(report)
+
+    def on_digests(self, msg: Digests) -> None:
+        if self.manifest is None or not self.manifest.digests_follow:
+            raise _Fatal("digests the manifest did not announce")
+        if len(msg.files) != len(msg.digests):
+            raise _Fatal("malformed Digests message")
+        n = len(self.manifest.entries)
+        for obj, digest in zip(msg.files, msg.digests, strict=True):
+            if not 0 <= obj < n:
+                raise _Fatal(f"digest for unknown file {obj}")
+            self.digests[obj] = digest
+            if obj in self.unverified:
+                self.unverified.discard(obj)
+                self.finish_file(obj)
+        if self.finish_waits is not None and not self.unverified:
+            transfer, self.finish_waits = self.finish_waits, None
+            self.finish(transfer)
+
+    def finish_file(self, obj: int) -> None:
+        """All of a file's pages are written: put it in place once its digest is known."""
+        assert self.store is not None and self.manifest is not None
+        if not self.manifest.digests_follow or self.manifest.entries[obj].digest:
+            self.store.finish_file(obj)
+        elif obj in self.digests:
+            # b"" (the master's read came up short) matches no content: the file is refused.
+            self.store.finish_file(obj, self.digests[obj] or b"source changed while read")
+        else:
+            self.unverified.add(obj)
 
     def finish(self, transfer: int) -> None:
         assert self.store is not None and self.manifest is not None
