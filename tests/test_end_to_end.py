@@ -134,6 +134,19 @@ def test_unreachable_host_fails_fast_with_its_name(tmp_path: Path, port: int) ->
     assert rsync_differences(src, tmp_path / "local") == ""
 
 
+def test_remote_shell_that_cannot_be_run_fails_that_target_only(tmp_path: Path,
+                                                                port: int) -> None:
+    """The receivers are started before the master sets up the rest: a remote shell that
+    does not exist fails its target by name, and the local target still finishes."""
+    src = make_tree(tmp_path / "src")
+    res = run_mrsync("-P", str(port), "-I", "lo", "-e", str(tmp_path / "no-such-rsh"),
+                     f"{src}/", "ghost.invalid:/data", str(tmp_path / "local"))
+    assert res.returncode == exitcodes.PARTIAL, res.stderr
+    assert re.search(r"ghost.invalid:/data: FAILED.*cannot run .*no-such-rsh", res.stderr), (
+        res.stderr)
+    assert rsync_differences(src, tmp_path / "local") == ""
+
+
 def test_help_reads_well() -> None:
     res = run_mrsync("--help")
     assert res.returncode == 0

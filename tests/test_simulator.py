@@ -140,3 +140,42 @@ def test_rate_controller_unit() -> None:
     assert rc.state == "probe"
     assert 0.9 * 20e6 <= rc.estimate <= 20e6
     assert rc.rate <= 1.25 * 20e6
+
+
+def test_rate_controller_climbs_back_when_startup_stopped_short() -> None:
+    """Receivers still opening their files deliver slowly for the first rounds, and startup
+    takes that for the path's capacity. When a probe then finds the path taking nearly all
+    of it, the controller returns to startup instead of climbing by 1.25 every eight rounds:
+    it is at the 20 MB/s capacity within ~15 rounds, where probing alone took over 40."""
+    from mrsync.engine.rate import RateController
+
+    rc = RateController(now=0.0, datagram_bytes=1000, initial_rate=1e6)
+    t, got, at_capacity = 0.0, 0, None
+    for n in range(120):
+        t += 0.02
+        capacity = 2e6 if n < 6 else 20e6  # a slow start, then the real path
+        got += int(min(rc.rate, capacity) * 0.02 / 1000)
+        rc.on_feedback(1, got, t)
+        if n == 8:
+            assert rc.state != "startup" or rc.estimate < 5e6  # it did stop short at first
+        if at_capacity is None and rc.estimate >= 0.9 * 20e6:
+            at_capacity = n
+    assert at_capacity is not None and at_capacity < 30, at_capacity
+    assert rc.state == "probe" and rc.rate <= 1.25 * 20e6
+
+
+def test_rate_controller_holds_at_capacity() -> None:
+    """At the capacity the estimate moves a few percent a round: no return to startup."""
+    from mrsync.engine.rate import RateController
+
+    rc = RateController(now=0.0, datagram_bytes=1000, initial_rate=1e6)
+    t, got, startups = 0.0, 0, 0
+    for n in range(400):
+        t += 0.02
+        jitter = 1.0 + 0.05 * ((n * 7919) % 11 - 5) / 5  # +-5 % per round
+        got += int(min(rc.rate, 20e6 * jitter) * 0.02 / 1000)
+        rc.on_feedback(1, got, t)
+        if n > 50 and rc.state == "startup":
+            startups += 1
+    assert startups == 0
+    assert 0.9 * 20e6 <= rc.estimate <= 1.1 * 20e6

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import socket
 import sys
 import time
-from typing import NoReturn, TextIO
+from typing import TYPE_CHECKING, NoReturn, TextIO
 
 from mrsync import __version__, config, exitcodes
 from mrsync.io.net import DEFAULT_PORT, Endpoint, loopback_endpoint, network_endpoint
 from mrsync.plan.options import SyncOptions
-from mrsync.remote.targets import TargetSpec, host_target, parse_target
+from mrsync.remote.targets import TargetSpec, host_target, parse_target, spawn_server
+
+if TYPE_CHECKING:
+    import subprocess
 
 DESCRIPTION = """\
 Multicast rsync: make one or many target directories identical to SRC, sending every byte once
@@ -397,6 +401,27 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         print(f"mrsync: error: {exc}", file=sys.stderr)
         return exitcodes.USAGE
 
+    # The receivers first: each takes a remote shell and an interpreter to come up, and the
+    # master's own imports and set-up below (~40 ms) run meanwhile instead of before.
+    spawned = [spawn_server(t, args.rsh, args.mrsync_path) for t in targets]
+    try:
+        return _run_job(args, source, targets, sync, json_out, spawned)
+    finally:
+        for proc in spawned:  # reaped by the job; killed here if it never got that far
+            if not isinstance(proc, OSError) and proc.returncode is None:
+                with contextlib.suppress(OSError):
+                    proc.kill()
+                proc.wait()
+
+
+def _run_job(
+    args: argparse.Namespace,
+    source: str,
+    targets: list[TargetSpec],
+    sync: SyncOptions,
+    json_out: TextIO | None,
+    spawned: list[subprocess.Popen[bytes] | OSError],
+) -> int:
     from mrsync.job import Job, JobOptions
     from mrsync.plan.scan import ScanError
     from mrsync.report import Reporter, json_failure, json_report
@@ -438,7 +463,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     )
     reporter = Reporter(verbose=args.verbose, progress=progress, link_rate=options.rate)
     try:
-        result = Job(options, reporter).run()
+        result = Job(options, reporter, spawned=spawned).run()
     except KeyboardInterrupt:
         reporter.close()
         print("mrsync: interrupted", file=sys.stderr)

@@ -64,7 +64,7 @@ from mrsync.io.source import BlobPages, FilePages, ParitySymbols
 from mrsync.plan.manifest import Kind, Manifest, encode_manifest
 from mrsync.plan.options import SyncOptions
 from mrsync.plan.scan import check_source, scan_source, source_root
-from mrsync.remote.targets import TargetSpec, server_command
+from mrsync.remote.targets import TargetSpec, server_command, spawn_server
 from mrsync.report import Reporter, TargetView
 from mrsync.wire import (
     DATA_OVERHEAD,
@@ -196,9 +196,20 @@ def page_size_for_mtu(mtu: int, family: int) -> int:
 
 
 class Job:
-    def __init__(self, options: JobOptions, reporter: Reporter) -> None:
+    def __init__(
+        self,
+        options: JobOptions,
+        reporter: Reporter,
+        *,
+        spawned: list[subprocess.Popen[bytes] | OSError] | None = None,
+    ) -> None:
+        """``spawned``: the targets' receivers, one per target in order, if the caller
+        started them already (``remote.targets.spawn_server``); else ``run`` starts them."""
         self.options = options
         self.reporter = reporter
+        if spawned is not None and len(spawned) != len(options.targets):
+            raise ValueError("one spawned receiver per target")
+        self._spawned = spawned
         self.session = secrets.randbits(64)
         self.key = secrets.token_bytes(32)
         self.page_size = options.page_size or choose_page_size(options.endpoint)
@@ -233,8 +244,8 @@ class Job:
         union: list[int] = []
         self.reporter.watch(self.progress_view)
         try:
-            # The targets start up (a remote shell, an interpreter) while SRC is scanned and
-            # hashed here: neither waits for the other.
+            # The targets start up (a remote shell, an interpreter) while SRC is scanned
+            # here: neither waits for the other.
             self._start_targets()
             # Content digests are needed up front only to compare content (-c); otherwise
             # they are computed while the files are sent, and follow them.
@@ -557,16 +568,15 @@ class Job:
         ep = self.options.endpoint
         host, port = self.sock.getsockname()[:2]
         local_only = all(t.spec.host is None for t in self.targets)
-        for t in self.targets:
-            argv = server_command(t.spec, self.options.rsh, self.options.mrsync_path)
-            try:
-                t.proc = subprocess.Popen(
-                    argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                    close_fds=True, start_new_session=True,
-                )
-            except OSError as exc:
-                self._fail(t, f"cannot run {argv[0]}: {exc.strerror}")
+        spawned = self._spawned or [
+            spawn_server(t.spec, self.options.rsh, self.options.mrsync_path) for t in self.targets
+        ]
+        for t, proc in zip(self.targets, spawned, strict=True):
+            if isinstance(proc, OSError):
+                argv = server_command(t.spec, self.options.rsh, self.options.mrsync_path)
+                self._fail(t, f"cannot run {argv[0]}: {proc.strerror}")
                 continue
+            t.proc = proc
             assert t.proc.stdout is not None and t.proc.stderr is not None
             os.set_blocking(t.proc.stdout.fileno(), False)
             os.set_blocking(t.proc.stderr.fileno(), False)

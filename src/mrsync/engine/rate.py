@@ -13,9 +13,15 @@ manner of BBR, ignores loss entirely and paces to the *delivery rate*:
   maximum, so a hiccup does not pull it down). Receivers that stall altogether are not waited
   for: the sender sits them out (see ``sender.py``).
 * Startup: the pacing rate is twice the estimate, so it doubles every round while the
-  estimate keeps up; after two rounds without 25 % growth the path is full. One round at
-  0.75 drains the queue startup built, then the rate cycles through gains 1.25 (probe for
-  more), 0.75 (drain what the probe queued) and six rounds of 1.0.
+  estimate keeps up; after three rounds without 25 % growth (BBR's count) the path is full.
+  One round at 0.75 drains the queue startup built, then the rate cycles through gains 1.25
+  (probe for more), 0.75 (drain what the probe queued) and six rounds of 1.0.
+* Back to startup when a round's estimate comes out 20 % above the last one's: the path
+  took nearly all of a 1.25 probe, so the capacity is far above the estimate. Startup had
+  stopped short: receivers that were still opening their files at the start of a transfer
+  delivered slowly for a few rounds, and with two flat rounds enough on the lab, one run in
+  three left startup at a third of the link and took ~0.7 s of 1.25 probes to climb back
+  (0.3 s of a 12 s transfer). At the link rate the estimate moves a few percent a round.
 * ``cap`` (``--rate``) bounds everything.
 
 Pure computation: times are passed in.
@@ -30,6 +36,8 @@ STARTUP_GAIN = 2.0
 DRAIN_GAIN = 0.75
 MIN_ROUND = 0.02  # seconds: shorter rounds would measure report timing, not the path
 MAX_FILTER = 10  # rounds a delivery-rate sample stays in the windowed maximum
+FULL_PIPE_ROUNDS = 2  # rounds without 25 % growth that end startup
+RESTART_GROWTH = 1.2  # a round's estimate this far above the last one's: back to startup
 MIN_RATE = 64 * 1024  # bytes per second: never pace to a standstill, whatever the samples say
 
 
@@ -80,6 +88,7 @@ class RateController:
         self._last_estimate = 0.0
         self._flat_rounds = 0
         self._phase = 0
+        self._round_estimate = 0.0  # the estimate when the last round ended
         self.rate = self._paced(STARTUP_GAIN)
 
     def restart(self, now: float) -> None:
@@ -127,10 +136,15 @@ class RateController:
             return
         # A round has passed.
         self._round_start = now
+        grew = self._estimate >= RESTART_GROWTH * self._round_estimate > 0
+        self._round_estimate = self._estimate
+        if self._state == "probe" and grew:
+            self.restart(now)
+            return
         if self._state == "startup":
             if self._estimate < 1.25 * self._last_estimate:
                 self._flat_rounds += 1
-                if self._flat_rounds >= 2:
+                if self._flat_rounds >= FULL_PIPE_ROUNDS:
                     self._state = "drain"
             else:
                 self._flat_rounds = 0

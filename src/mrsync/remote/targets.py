@@ -9,6 +9,7 @@ stream (never on the remote command line), so no quoting of odd names is ever ne
 from __future__ import annotations
 
 import shlex
+import subprocess
 import sys
 from typing import NamedTuple
 
@@ -59,6 +60,19 @@ def host_target(host_entry: str, path: str) -> TargetSpec:
     if host in LOCAL_HOSTS and user is None:
         return TargetSpec(None, None, path)
     return TargetSpec(host, user, path)
+
+
+def spawn_server(spec: TargetSpec, rsh: str, mrsync_path: str) -> subprocess.Popen[bytes] | OSError:
+    """Start a target's receiver, its control stream on stdin/stdout; the OSError if it
+    could not be run (the job reports it as that target's failure)."""
+    try:
+        return subprocess.Popen(
+            server_command(spec, rsh, mrsync_path), stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, close_fds=True,
+            start_new_session=True,
+        )
+    except OSError as exc:
+        return exc
 
 
 def server_command(spec: TargetSpec, rsh: str, mrsync_path: str) -> list[str]:
