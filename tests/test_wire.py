@@ -33,7 +33,7 @@ from mrsync.wire import (
 
 KEY = bytes(range(32))
 OTHER_KEY = bytes(range(1, 33))
-SESSION = 0x0123_4567_89AB_CDEF
+SESSION = 0x89AB_CDEF
 
 U8 = 2**8 - 1
 U16 = 2**16 - 1
@@ -88,8 +88,8 @@ def _remac(body: bytes, key: bytes = KEY) -> bytes:
     import blake3
 
     if body[3] in (PacketType.DATA, PacketType.PARITY):
-        if len(body) < 24:  # too short for its nonce: no MAC can make it authentic
-            return body + bytes(MAC_SIZE)
+        if len(body) < 20:  # too short for its nonce: no MAC can make it authentic
+            return body + bytes(packets.DATA_MAC_SIZE)
         return body + packets.data_mac(key).tag(body)
     return body + blake3.blake3(body, key=key).digest(length=MAC_SIZE)
 
@@ -98,13 +98,14 @@ def _remac(body: bytes, key: bytes = KEY) -> bytes:
 
 
 def test_sizes() -> None:
-    assert HEADER_SIZE == 12
+    assert HEADER_SIZE == 8
     assert MAC_SIZE == 16
-    assert DATA_OVERHEAD == 12 + 24 + 16
+    assert packets.DATA_MAC_SIZE == 12
+    assert DATA_OVERHEAD == 8 + 24 + 12
     assert len(encode_data(KEY, 1, 0, 0, 0, 0, b"")) == DATA_OVERHEAD
     assert len(encode_data(KEY, 1, 0, 0, 0, 0, b"a" * 1400)) == DATA_OVERHEAD + 1400
-    assert len(_poll()) == 12 + 16 + 16
-    assert len(encode_feedback(KEY, 1, 0, 0, 0, 0, 0, 0, 0, [])) == 12 + 39 + 16
+    assert len(_poll()) == 8 + 16 + 16
+    assert len(encode_feedback(KEY, 1, 0, 0, 0, 0, 0, 0, 0, [])) == 8 + 39 + 16
 
 
 def test_header_layout() -> None:
@@ -112,9 +113,9 @@ def test_header_layout() -> None:
     assert d[:2] == b"MR"
     assert d[2] == PROTOCOL_VERSION
     assert d[3] == PacketType.DATA
-    assert struct.unpack("!Q", d[4:12])[0] == SESSION
+    assert struct.unpack("!I", d[4:8])[0] == SESSION
     # DATA fields in network byte order: transfer, seq, obj, page.
-    assert struct.unpack("!IQIQ", d[12:36]) == (7, 123456, 3, 2**40)
+    assert struct.unpack("!IQIQ", d[8:32]) == (7, 123456, 3, 2**40)
 
 
 def test_drop_reason_values() -> None:
@@ -146,7 +147,7 @@ def test_max_feedback_ranges_any_size(size: int) -> None:
 # --- round trips -----------------------------------------------------------------------------
 
 
-@given(keys, u64, u32, u64, u32, u64, payloads)
+@given(keys, u32, u32, u64, u32, u64, payloads)
 def test_data_round_trip(
     key: bytes, session: int, transfer: int, seq: int, obj: int, page: int, payload: bytes
 ) -> None:
@@ -182,13 +183,13 @@ def test_decode_accepts_memoryview_and_bytearray() -> None:
     assert pkt.payload == b"x" * 1400
 
 
-@given(keys, u64, u32, u32, u64)
+@given(keys, u32, u32, u32, u64)
 def test_poll_round_trip(key: bytes, session: int, transfer: int, poll: int, seq: int) -> None:
     datagram = encode_poll(key, session, transfer, poll, seq)
     assert decode(datagram, key, session) == Poll(transfer, poll, seq)
 
 
-@given(keys, u64, u32, u32, u32, u64, u64, u64, u8, ranges_st)
+@given(keys, u32, u32, u32, u32, u64, u64, u64, u8, ranges_st)
 def test_feedback_round_trip(
     key: bytes,
     session: int,
@@ -213,7 +214,7 @@ def test_feedback_round_trip(
     assert isinstance(pkt.ranges, tuple)
 
 
-@given(keys, u64, u32, u64, st.integers(0, 2**24 - 1), u64, st.binary(max_size=1400))
+@given(keys, u32, u32, u64, st.integers(0, 2**24 - 1), u64, st.binary(max_size=1400))
 def test_parity_round_trip(
     key: bytes, session: int, transfer: int, seq: int, esi: int, block: int, symbol: bytes
 ) -> None:
@@ -290,7 +291,7 @@ def test_unknown_type(ptype: int) -> None:
 
 
 def test_short() -> None:
-    for n in range(HEADER_SIZE + MAC_SIZE):
+    for n in range(HEADER_SIZE + packets.DATA_MAC_SIZE):
         assert _reason(_data()[:n]) is DropReason.SHORT
     # Length is checked before magic: even empty or garbage input is just "short".
     assert _reason(b"") is DropReason.SHORT
@@ -304,7 +305,7 @@ def test_checks_cheapest_first() -> None:
 
 
 def _header(ptype: int) -> bytes:
-    return struct.pack("!2sBBQ", b"MR", PROTOCOL_VERSION, ptype, SESSION)
+    return struct.pack("!2sBBI", b"MR", PROTOCOL_VERSION, ptype, SESSION)
 
 
 @pytest.mark.parametrize(
@@ -406,11 +407,11 @@ def test_random_damage_never_accepted_with_other_contents(kind: str, data: st.Da
     assert pkt == original
 
 
-@given(st.binary(max_size=200), u64)
+@given(st.binary(max_size=200), u32)
 def test_random_bytes_with_authentic_mac_only_raise_decode_error(body: bytes, session: int) -> None:
     # Authenticated garbage (as a buggy peer could send) exercises the post-MAC checks.
     for ptype in PacketType:
-        raw = _remac(struct.pack("!2sBBQ", b"MR", PROTOCOL_VERSION, ptype, session) + body)
+        raw = _remac(struct.pack("!2sBBI", b"MR", PROTOCOL_VERSION, ptype, session) + body)
         try:
             pkt = decode(raw, KEY, session)
         except DecodeError as e:

@@ -43,7 +43,7 @@
 #define MAX_BATCH 256
 /* Bumped whenever a function here changes its arguments or results (mrsync/speedups.py
  * refuses a module built from other sources). */
-#define API_VERSION 5
+#define API_VERSION 6
 
 /* --- recv_batch ------------------------------------------------------------------------- */
 
@@ -111,9 +111,9 @@ done:
 
 /* --- scan_data -------------------------------------------------------------------------- */
 
-/* DATA layout (wire/packets.py): "!2sBBQIQIQ" then payload then a 16-byte MAC. */
-#define DATA_HEADER 36
-#define MAC_SIZE 16
+/* DATA layout (wire/packets.py): "!2sBBIIQIQ" then payload then a 12-byte MAC. */
+#define DATA_HEADER 32
+#define MAC_SIZE 12
 #define DATA_TYPE 1
 
 /* A run of new pages being gathered: consecutive pages of one object. */
@@ -155,11 +155,11 @@ static inline uint64_t be64(const unsigned char *p)
 /* --- Gmac --------------------------------------------------------------------------------
  *
  * Gmac(key) -> an authenticator of DATA and PARITY datagrams under one 32-byte key.
- *   .tag(data) -> 16 bytes: AES-256-GCM over no plaintext with ``data`` as associated data and
- *   data[12:24] (the header's transfer and seq) as the nonce.
+ *   .tag(data) -> 12 bytes: the AES-256-GCM tag (cut to 96 bits) of no plaintext with
+ *   ``data`` as associated data and data[8:20] (the header's transfer and seq) as the nonce.
  * The cipher context keeps the key schedule; each tag only sets a new nonce. */
 
-#define NONCE_AT 12
+#define NONCE_AT 8
 #define NONCE_SIZE 12
 
 typedef struct {
@@ -241,7 +241,7 @@ gmac_tag_method(GmacObject *self, PyObject *arg)
 
 static PyMethodDef gmac_methods[] = {
     {"tag", (PyCFunction)gmac_tag_method, METH_O,
-     "tag(data) -> the 16-byte AES-256-GMAC of data, nonce data[12:24]"},
+     "tag(data) -> the 12-byte AES-256-GMAC of data, nonce data[8:20]"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -322,7 +322,8 @@ seal_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     Py_ssize_t page_size = PyLong_AsSsize_t(args[7]);
     if (PyErr_Occurred())
         return NULL;
-    if (transfer > 0xFFFFFFFFUL || obj > 0xFFFFFFFFUL || page_size <= 0) {
+    if (session > 0xFFFFFFFFULL || transfer > 0xFFFFFFFFUL || obj > 0xFFFFFFFFUL ||
+        page_size <= 0) {
         PyErr_SetString(PyExc_ValueError, "seal_run: field out of range");
         return NULL;
     }
@@ -348,11 +349,11 @@ seal_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         w[1] = 'R';
         w[2] = MRSYNC_PROTOCOL_VERSION;
         w[3] = DATA_TYPE;
-        put64(w + 4, session);
-        put32(w + 12, (uint32_t)transfer);
-        put64(w + 16, seq + (uint64_t)k);
-        put32(w + 24, (uint32_t)obj);
-        put64(w + 28, page + (uint64_t)k);
+        put32(w + 4, (uint32_t)session);
+        put32(w + 8, (uint32_t)transfer);
+        put64(w + 12, seq + (uint64_t)k);
+        put32(w + 20, (uint32_t)obj);
+        put64(w + 24, page + (uint64_t)k);
         memcpy(w + DATA_HEADER, src + k * page_size, (size_t)len);
         if (gmac_tag(mac, w, DATA_HEADER + len, w + DATA_HEADER + len) < 0) {
             Py_CLEAR(out);
@@ -454,12 +455,12 @@ scan_data(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         const unsigned char *d = buf + i * slot;
         Py_ssize_t len = lens[i];
         if (len < DATA_HEADER + MAC_SIZE || len > slot || d[0] != 'M' || d[1] != 'R' ||
-            d[2] != MRSYNC_PROTOCOL_VERSION || d[3] != DATA_TYPE || be64(d + 4) != session)
+            d[2] != MRSYNC_PROTOCOL_VERSION || d[3] != DATA_TYPE || be32(d + 4) != session)
             break;
-        uint32_t t = be32(d + 12);
-        uint64_t seq = be64(d + 16);
-        uint32_t obj = be32(d + 24);
-        uint64_t page = be64(d + 28);
+        uint32_t t = be32(d + 8);
+        uint64_t seq = be64(d + 12);
+        uint32_t obj = be32(d + 20);
+        uint64_t page = be64(d + 24);
         Py_ssize_t payload = len - DATA_HEADER - MAC_SIZE;
         if ((long long)t != transfer || obj >= n_objects || page >= npages[obj] ||
             payload != (page == npages[obj] - 1 ? (Py_ssize_t)last_len[obj] : page_size))

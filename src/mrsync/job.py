@@ -185,14 +185,15 @@ class JobResult:
 
 def choose_page_size(endpoint: Endpoint) -> int:
     """The largest page whose datagram crosses the path without IP fragmentation, rounded down
-    to a multiple of 4 KiB when it is that large (file-system friendly writes)."""
+    to a multiple of 4 KiB when it is that large (file-system friendly writes). Smaller pages
+    are used whole: rounding 1,428 down to 1,424 would have cost 0.3 % of the link."""
     return page_size_for_mtu(interface_mtu(endpoint.interface), endpoint.family)
 
 
 def page_size_for_mtu(mtu: int, family: int) -> int:
     """``choose_page_size`` for a given MTU (mrsync-rtt asks it for the path's)."""
     page = min(mtu, 65535) - IP_UDP_HEADERS[family] - DATA_OVERHEAD
-    return page - page % 4096 if page >= 8192 else page - page % 8
+    return page - page % 4096 if page >= 8192 else page
 
 
 class Job:
@@ -210,7 +211,7 @@ class Job:
         if spawned is not None and len(spawned) != len(options.targets):
             raise ValueError("one spawned receiver per target")
         self._spawned = spawned
-        self.session = secrets.randbits(64)
+        self.session = secrets.randbits(32)
         self.key = secrets.token_bytes(32)
         self.page_size = options.page_size or choose_page_size(options.endpoint)
         self.max_datagram = self.page_size + DATA_OVERHEAD

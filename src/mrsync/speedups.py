@@ -15,7 +15,7 @@ from types import ModuleType
 
 from mrsync import PROTOCOL_VERSION
 
-API_VERSION = 5  # of _speedups.c's functions, which defines its own to match
+API_VERSION = 6  # of _speedups.c's functions, which defines its own to match
 ISAL_API_VERSION = 1  # of _isal_rs.c's
 
 

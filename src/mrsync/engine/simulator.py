@@ -93,7 +93,7 @@ def simulate(
 ) -> SimResult:
     rng = random.Random(seed)
     key = rng.randbytes(32)
-    session = rng.getrandbits(64)
+    session = rng.getrandbits(32)
     fec = fec and supported(page_size)
     if block_pages is None:
         block_pages = block_pages_for_targets(receivers)

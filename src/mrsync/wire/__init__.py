@@ -1,6 +1,7 @@
 """Wire formats: datagram encode/decode and authentication. Bytes only, no I/O."""
 
 from mrsync.wire.packets import (
+    DATA_MAC_SIZE,
     DATA_OVERHEAD,
     FLAG_BLOCKS,
     FLAG_COMPLETE,
@@ -27,6 +28,7 @@ from mrsync.wire.packets import (
 )
 
 __all__ = [
+    "DATA_MAC_SIZE",
     "DATA_OVERHEAD",
     "FLAG_BLOCKS",
     "FLAG_COMPLETE",
