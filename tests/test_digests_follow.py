@@ -19,7 +19,7 @@ from mrsync.io.source import FilePages
 from mrsync.plan.compare import UnsafePath, validate_manifest
 from mrsync.plan.manifest import Entry, Kind, Manifest
 from mrsync.plan.options import SyncOptions
-from mrsync.plan.scan import EMPTY_DIGEST, scan_source
+from mrsync.plan.scan import EMPTY_DIGEST, hash_manifest, scan_source
 
 PAGE = 1000
 
@@ -146,5 +146,50 @@ def test_targets_refuse_a_file_the_master_could_not_read_whole(
     # And once the source holds still, the next run completes them.
     monkeypatch.setattr(source_module.os, "pread", real_pread)
     assert cli.main(["-P", str(port), "--no-progress", f"{src}/", *map(str, dests)]) == 0
+    for d in dests:
+        assert rsync_differences(src, d) == ""
+
+
+def test_hash_manifest_fills_in_what_the_scan_left_out(tmp_path: Path) -> None:
+    root, follow = _source(tmp_path, {"a": os.urandom(70_000), "b": b"bb", "empty": b""})
+    os.link(tmp_path / "src" / "a", tmp_path / "src" / "hard")
+    follow = scan_source(f"{os.fsdecode(root)}/", hash_files=False,
+                         options=SyncOptions(hard_links=True))
+    filled = hash_manifest(follow, root)
+    hashed = scan_source(f"{os.fsdecode(root)}/", options=SyncOptions(hard_links=True))
+    assert not filled.digests_follow
+    assert filled.entries == hashed.entries
+
+
+def test_many_files_times_many_targets_put_the_digests_in_the_manifest(
+    tmp_path: Path, port: int, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Past the budget for digests on the control streams, the master hashes up front and
+    the digests travel once, in the manifest; the result is the same."""
+    from mrsync import job
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(5):
+        (src / f"f{i}").write_bytes(os.urandom(10_000))
+    calls: list[int] = []
+    real = job.hash_manifest
+
+    def counted(*args: object, **kwargs: object) -> Manifest:
+        calls.append(1)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(job, "hash_manifest", counted)
+    monkeypatch.setattr(job, "DIGESTS_FOLLOW_MAX_BYTES", 5 * 40 * 2 - 1)  # 5 files, 2 targets
+    dests = [tmp_path / "t1", tmp_path / "t2"]
+    assert cli.main(["-P", str(port), "--no-progress", f"{src}/", *map(str, dests)]) == 0
+    assert calls == [1]
+    for d in dests:
+        assert rsync_differences(src, d) == ""
+    calls.clear()
+    monkeypatch.setattr(job, "DIGESTS_FOLLOW_MAX_BYTES", 5 * 40 * 2)  # within: they follow
+    (src / "f0").write_bytes(os.urandom(10_000))
+    assert cli.main(["-P", str(port), "--no-progress", f"{src}/", *map(str, dests)]) == 0
+    assert calls == []
     for d in dests:
         assert rsync_differences(src, d) == ""

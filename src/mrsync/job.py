@@ -63,7 +63,7 @@ from mrsync.io.net import IP_UDP_HEADERS, Batcher, Endpoint, interface_mtu, open
 from mrsync.io.source import BlobPages, FilePages, ParitySymbols
 from mrsync.plan.manifest import Kind, Manifest, encode_manifest
 from mrsync.plan.options import SyncOptions
-from mrsync.plan.scan import check_source, scan_source, source_root
+from mrsync.plan.scan import check_source, hash_manifest, scan_source, source_root
 from mrsync.remote.targets import TargetSpec, server_command, spawn_server
 from mrsync.report import Reporter, TargetView
 from mrsync.wire import (
@@ -84,6 +84,17 @@ Address = tuple[str, int] | tuple[str, int, int, int]
 # How often the digests of files read to their end go to the targets: a file's last page
 # and its digest then reach a target about together, in few control messages.
 DIGESTS_EVERY = 0.01
+# Digests follow the data on each target's control stream only while that stays small; past
+# it (say 1,000 targets x 2,000 files) they are computed up front and multicast once, in the
+# manifest, at the price of reading the source one more time.
+DIGESTS_FOLLOW_MAX_BYTES = 64 * 1024 * 1024
+_DIGEST_WIRE_BYTES = 40  # one file's digest and id in a Digests message (msgpack)
+
+
+def _digest_bytes(manifest: Manifest) -> int:
+    """Control-stream bytes of the digests one target would get, at most."""
+    return _DIGEST_WIRE_BYTES * sum(
+        1 for e in manifest.entries if e.kind == Kind.FILE and not e.digest and e.link < 0)
 
 
 @dataclass
@@ -252,6 +263,11 @@ class Job:
             # they are computed while the files are sent, and follow them.
             manifest = scan_source(self.options.source, warnings, options=self.options.sync,
                                    hash_files=self.options.sync.checksum)
+            if manifest.digests_follow and _digest_bytes(manifest) * len(self.targets) > (
+                    DIGESTS_FOLLOW_MAX_BYTES):
+                # So many files and targets that sending each target its digests would cost
+                # more than hashing up front and multicasting them once, in the manifest.
+                manifest = hash_manifest(manifest, source_root(self.options.source), warnings)
             for w in warnings:
                 self.reporter.warn(w)
             blob = encode_manifest(manifest)
@@ -471,14 +487,18 @@ class Job:
         return wait
 
     def _send_digests(self, transfer: int, digests: list[tuple[int, bytes]]) -> None:
-        """The digests of files just read to the end, to every live target (each one needs
-        those of the files it wants; sorting that out would cost more than the bytes)."""
+        """The digests of files just read to the end, each to the live targets that want
+        that file."""
         if not digests:
             return
-        message = Digests(transfer, [obj for obj, _ in digests], [d for _, d in digests])
         for t in self.targets:
-            if t.alive:
-                self._send(t, message)
+            if not t.alive or t.needs is None:
+                continue
+            bits = t.needs.objects
+            mine = [(obj, d) for obj, d in digests
+                    if obj >> 3 < len(bits) and bits[obj >> 3] >> (obj & 7) & 1]
+            if mine:
+                self._send(t, Digests(transfer, [obj for obj, _ in mine], [d for _, d in mine]))
 
     def _fail_laggards(self, until: Callable[[], bool], reason: str) -> None:
         for t in self.targets:

@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import blake3
+import msgspec
 
 from mrsync.plan.filters import Filter, only_matcher
 from mrsync.plan.manifest import Entry, Kind, Manifest
@@ -397,3 +398,21 @@ __all__ = [
     "scan_source",
     "source_root",
 ]
+
+
+def hash_manifest(
+    manifest: Manifest, root: bytes, warnings: list[str] | None = None
+) -> Manifest:
+    """The manifest with every file's digest filled in (``digests_follow`` off): for when
+    the digests should travel in the manifest, once, after all."""
+    entries = list(manifest.entries)
+    for i, e in enumerate(entries):
+        if e.kind != Kind.FILE or e.digest:
+            continue
+        if e.link >= 0:
+            digest = entries[e.link].digest  # the model comes first and is hashed already
+        else:
+            full = root if e.path == b"." else os.path.join(root, e.path)
+            digest = hash_file(full, e.size, warnings)
+        entries[i] = msgspec.structs.replace(e, digest=digest)
+    return Manifest(entries)
