@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import select
 import selectors
 import socket
 import subprocess
@@ -125,6 +126,9 @@ class Target:
     spec: TargetSpec
     proc: subprocess.Popen[bytes] | None = None
     reader: FrameReader = field(default_factory=FrameReader)
+    # Control bytes its stdin did not take yet: a stalled target (or its remote shell) must
+    # never block the master, which writes without waiting and sends the rest when it can.
+    outbox: bytearray = field(default_factory=bytearray)
     stderr_tail: deque[str] = field(default_factory=lambda: deque(maxlen=5))
     hello: HelloOk | None = None
     ready: set[int] = field(default_factory=set)
@@ -461,7 +465,10 @@ class Job:
                 if key.fileobj is self.sock:
                     self._drain_feedback()
                 elif isinstance(key.data, tuple):
-                    self._read_stderr(key.data[1])
+                    if key.data[0] == "stdin":
+                        self._flush_control(key.data[1])
+                    else:
+                        self._read_stderr(key.data[1])
                 else:
                     assert isinstance(key.data, Target)
                     self._read_control(key.data)
@@ -599,8 +606,10 @@ class Job:
                 continue
             t.proc = proc
             assert t.proc.stdout is not None and t.proc.stderr is not None
+            assert t.proc.stdin is not None
             os.set_blocking(t.proc.stdout.fileno(), False)
             os.set_blocking(t.proc.stderr.fileno(), False)
+            os.set_blocking(t.proc.stdin.fileno(), False)
             self.selector.register(t.proc.stdout, selectors.EVENT_READ, t)
             self.selector.register(t.proc.stderr, selectors.EVENT_READ, ("stderr", t))
             self._send(
@@ -665,11 +674,35 @@ class Job:
     def _send(self, t: Target, message: Message) -> None:
         if not t.alive or t.proc is None or t.proc.stdin is None:
             return
+        t.outbox += frame(message)
+        self._flush_control(t)
+
+    def _flush_control(self, t: Target) -> None:
+        """Write what the target's stdin takes now; wait for it to take the rest (selector)."""
+        assert t.proc is not None and t.proc.stdin is not None
+        stdin = t.proc.stdin
         try:
-            t.proc.stdin.write(frame(message))
-            t.proc.stdin.flush()
+            while t.outbox:
+                n = os.write(stdin.fileno(), t.outbox)
+                del t.outbox[:n]
+        except BlockingIOError:
+            pass
         except OSError as exc:
+            t.outbox.clear()
             self._fail(t, self._death_notice(t, f"control stream broken: {exc.strerror or exc}"))
+        waiting = self._waits_to_write(t)
+        if t.outbox and not waiting and t.alive:
+            self.selector.register(stdin, selectors.EVENT_WRITE, ("stdin", t))
+        elif (not t.outbox or not t.alive) and waiting:
+            self.selector.unregister(stdin)
+
+    def _waits_to_write(self, t: Target) -> bool:
+        assert t.proc is not None and t.proc.stdin is not None
+        try:
+            self.selector.get_key(t.proc.stdin)
+        except (KeyError, ValueError):
+            return False
+        return True
 
     def _read_stderr(self, t: Target) -> None:
         """A receiver's (or its remote shell's) stderr: kept for the failure message, shown
@@ -760,15 +793,23 @@ class Job:
                 t.proc.kill()
 
     def _stop_targets(self) -> None:
+        deadline = time.monotonic() + 10
         for t in self.targets:
             if t.proc is None:
                 continue
             if t.proc.poll() is None:
                 self._send(t, Bye())
+                # What the target has not taken yet, Bye included, for a few seconds at most:
+                # a target that never reads again is killed below.
+                while t.outbox and t.alive and time.monotonic() < deadline:
+                    assert t.proc.stdin is not None
+                    select.select([], [t.proc.stdin], [], 0.05)
+                    self._flush_control(t)
             if t.proc.stdin is not None:
+                with contextlib.suppress(KeyError, ValueError):
+                    self.selector.unregister(t.proc.stdin)
                 with contextlib.suppress(OSError):
                     t.proc.stdin.close()
-        deadline = time.monotonic() + 10
         for t in self.targets:
             if t.proc is None:
                 continue
