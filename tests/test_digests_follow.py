@@ -193,3 +193,16 @@ def test_many_files_times_many_targets_put_the_digests_in_the_manifest(
     assert calls == []
     for d in dests:
         assert rsync_differences(src, d) == ""
+
+
+def test_digests_owed_when_the_first_pass_never_got_there(tmp_path: Path) -> None:
+    """The group's flow can end early (every target that stayed with it failed) while a
+    target that sat out still waits for the digests of files never read: they are hashed
+    from the files, once."""
+    a, b = os.urandom(40_000), os.urandom(5_000)
+    root, manifest = _source(tmp_path, {"a": a, "b": b})
+    ids = _ids(manifest)
+    pages = FilePages(root, manifest, PAGE, digest=ids.values())
+    pages.read(ids["a"], 0, PAGE)  # the first page of one file only
+    assert dict(pages.finish_digests()) == {ids["a"]: _digest(a), ids["b"]: _digest(b)}
+    assert pages.finish_digests() == []

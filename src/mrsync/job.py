@@ -395,6 +395,10 @@ class Job:
                 sender.receiver_done(t.rid)
         source = open_source()
         self._run_flows([Flow(sender, source, group, ParitySymbols(layout, source))], what)
+        if isinstance(source, FilePages):
+            # The group can end before its first pass does (every target that stayed with it
+            # failed): the digests of files it did not read yet, for the targets that sat out.
+            self._send_digests(transfer, source.finish_digests())
         self.reporter.log(2, f"transfer {transfer} ({what}) done")
         # Catch-up: each target that sat out gets what it still lacks, by unicast, with its
         # own sender, all at once. Each flow numbers its seqs from a range of its own past
