@@ -114,6 +114,17 @@ def test_a_file_that_shrank_or_grew_while_sent(tmp_path: Path) -> None:
     assert pages.short_reads == {ids["shrank"]}
 
 
+def _forbid_hashing_up_front(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The master in this process must not hash a file before sending it (the targets, other
+    processes, are not affected)."""
+    from mrsync.plan import scan
+
+    def refuse(*args: object, **kwargs: object) -> bytes:
+        raise AssertionError("the master hashed a file up front")
+
+    monkeypatch.setattr(scan, "hash_file", refuse)
+
+
 def test_targets_refuse_a_file_the_master_could_not_read_whole(
     tmp_path: Path, port: int, monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
@@ -134,6 +145,7 @@ def test_targets_refuse_a_file_the_master_could_not_read_whole(
         return data
 
     monkeypatch.setattr(source_module.os, "pread", pread)
+    _forbid_hashing_up_front(monkeypatch)  # the refusal must come from the digest that follows
     dests = [tmp_path / "t1", tmp_path / "t2"]
     code = cli.main(["-P", str(port), "--no-progress", f"{src}/", *map(str, dests)])
     err = capsys.readouterr().err
@@ -188,6 +200,7 @@ def test_many_files_times_many_targets_put_the_digests_in_the_manifest(
         assert rsync_differences(src, d) == ""
     calls.clear()
     monkeypatch.setattr(job, "DIGESTS_FOLLOW_MAX_BYTES", 5 * 40 * 2)  # within: they follow
+    _forbid_hashing_up_front(monkeypatch)
     (src / "f0").write_bytes(os.urandom(10_000))
     assert cli.main(["-P", str(port), "--no-progress", f"{src}/", *map(str, dests)]) == 0
     assert calls == []

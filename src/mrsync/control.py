@@ -174,3 +174,8 @@ def bitmap_from_ids(ids: list[int] | set[int], count: int) -> bytes:
 
 def ids_from_bitmap(bits: bytes, count: int) -> list[int]:
     return [i for i in range(min(count, len(bits) * 8)) if bits[i >> 3] >> (i & 7) & 1]
+
+
+def bitmap_has(bits: bytes, i: int) -> bool:
+    """Whether id ``i`` is set in a bitmap of ``bitmap_from_ids``."""
+    return i >> 3 < len(bits) and bool(bits[i >> 3] >> (i & 7) & 1)

@@ -43,6 +43,7 @@ from mrsync.control import (
     StartTransfer,
     TransferDone,
     bitmap_from_ids,
+    bitmap_has,
     frame,
     ids_from_bitmap,
 )
@@ -344,10 +345,7 @@ class Job:
         for t in self.targets:
             if t.alive and t.needs is not None:
                 bits = t.needs.objects
-                t.wanted_pages = sum(
-                    layout.pages_of(i) for i in union_set
-                    if i >> 3 < len(bits) and bits[i >> 3] >> (i & 7) & 1
-                )
+                t.wanted_pages = sum(layout.pages_of(i) for i in union_set if bitmap_has(bits, i))
         self._phase = "data"
         self._data_transfer = start.transfer
         self.reporter.begin_data(layout.bytes_total(), [t.name for t in self.targets if t.alive])
@@ -506,8 +504,7 @@ class Job:
             if not t.alive or t.needs is None:
                 continue
             bits = t.needs.objects
-            mine = [(obj, d) for obj, d in digests
-                    if obj >> 3 < len(bits) and bits[obj >> 3] >> (obj & 7) & 1]
+            mine = [(obj, d) for obj, d in digests if bitmap_has(bits, obj)]
             if mine:
                 self._send(t, Digests(transfer, [obj for obj, _ in mine], [d for _, d in mine]))
 

@@ -13,6 +13,7 @@ import blake3
 from mrsync.engine.fec import BlockEncoder
 from mrsync.engine.layout import Layout
 from mrsync.plan.manifest import Manifest
+from mrsync.plan.scan import entry_path, hash_fd
 
 
 class BlobPages:
@@ -65,8 +66,7 @@ class FilePages:
             self._fds.move_to_end(obj)
             return fd
         path = self._entries[obj].path
-        full = self._base if path == b"." else os.path.join(self._base, path)
-        fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(entry_path(self._base, path), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         self._fds[obj] = fd
         if len(self._fds) > self.MAX_OPEN:
             _, old = self._fds.popitem(last=False)
@@ -119,8 +119,6 @@ class FilePages:
 
     def finish_digests(self) -> list[tuple[int, bytes]]:
         """At the end of the first pass: the digests still owed, hashed from the file now."""
-        from mrsync.plan.scan import hash_fd  # the scanner's reader: holes, short files
-
         owed = sorted(self._unhashed | set(self._hashing))
         self._unhashed.clear()
         self._hashing.clear()

@@ -162,6 +162,11 @@ def hash_file(path: bytes, size: int, warnings: list[str] | None = None) -> byte
 EMPTY_DIGEST: bytes = blake3.blake3(b"").digest()
 
 
+def entry_path(root: bytes, path: bytes) -> bytes:
+    """Where a manifest entry's ``path`` is on the master, under ``source_root``."""
+    return root if path == b"." else os.path.join(root, path)
+
+
 def _entry(
     rel: bytes, full: bytes, st: os.stat_result, warnings: list[str] | None, hash_files: bool
 ) -> Entry | None:
@@ -412,7 +417,6 @@ def hash_manifest(
         if e.link >= 0:
             digest = entries[e.link].digest  # the model comes first and is hashed already
         else:
-            full = root if e.path == b"." else os.path.join(root, e.path)
-            digest = hash_file(full, e.size, warnings)
+            digest = hash_file(entry_path(root, e.path), e.size, warnings)
         entries[i] = msgspec.structs.replace(e, digest=digest)
     return Manifest(entries)

@@ -183,8 +183,7 @@ class _PythonGmac:
     def tag(self, data: bytes | memoryview, /) -> bytes:
         if len(data) < _NONCE_END:
             raise ValueError("a datagram too short for its nonce")
-        tag = self._aead.encrypt(bytes(data[_NONCE_AT:_NONCE_END]), b"", bytes(data))
-        return tag[:DATA_MAC_SIZE]
+        return self._aead.encrypt(data[_NONCE_AT:_NONCE_END], b"", data)[:DATA_MAC_SIZE]
 
 
 @functools.lru_cache(maxsize=4)
@@ -197,13 +196,9 @@ def data_mac(key: bytes) -> DataMac:
     return _PythonGmac(derived)
 
 
-def _mac(key: bytes, *parts: bytes | memoryview) -> bytes:
-    # Feed the parts one by one instead of concatenating: the payload is never copied just to
-    # be authenticated.
-    h = blake3(key=key)
-    for part in parts:
-        h.update(part)
-    return h.digest(length=MAC_SIZE)
+def _mac(key: bytes, data: bytes | memoryview) -> bytes:
+    """The keyed BLAKE3 of a POLL or FEEDBACK datagram."""
+    return blake3(data, key=key).digest(length=MAC_SIZE)
 
 
 # --- encode --------------------------------------------------------------------------------
@@ -378,7 +373,7 @@ def decode(datagram: bytes | memoryview, key: bytes, session: int) -> Packet:
         tag = data_mac(key).tag(mv[:end]) if end >= _NONCE_END else b""
     else:
         end = n - MAC_SIZE
-        tag = blake3(mv[:end], key=key).digest(length=MAC_SIZE) if end >= 0 else b""
+        tag = _mac(key, mv[:end])
     if not compare_digest(tag, mv[end:]):
         raise DecodeError(DropReason.MAC)
 
