@@ -179,3 +179,28 @@ def test_rate_controller_holds_at_capacity() -> None:
             startups += 1
     assert startups == 0
     assert 0.9 * 20e6 <= rc.estimate <= 1.1 * 20e6
+
+
+def test_rate_controller_startup_is_not_ended_by_samples_of_the_old_rate() -> None:
+    """A delivery sample spans at least a round, and receivers report at moments of their
+    own: when a round ends on the clock, some receivers' latest samples still show the rate
+    before the last doubling, and the estimate (the slowest receiver's) looks flat. Two such
+    rounds ended startup at a fifth of the link on the lab. A startup round now also waits
+    until every receiver has a sample that began within it."""
+    from mrsync.engine.rate import RateController
+
+    rc = RateController(now=0.0, datagram_bytes=1000, initial_rate=1e6)
+    capacity, step = 20e6, 0.001
+    phases = {0: 0, 1: 7, 2: 14, 3: 19}  # each receiver reports every 20 ms, at its own ms
+    got = dict.fromkeys(phases, 0.0)
+    left_startup_at = None
+    for n in range(1, 1500):
+        t = n * step
+        for rid, phase in phases.items():
+            got[rid] += min(rc.rate, capacity) * step / 1000
+            if n % 20 == phase:
+                rc.on_feedback(rid, int(got[rid]), t)
+        if left_startup_at is None and rc.state != "startup":
+            left_startup_at = rc.estimate
+    assert left_startup_at is not None and left_startup_at >= 0.7 * capacity, left_startup_at
+    assert 0.9 * capacity <= rc.estimate <= capacity
