@@ -28,7 +28,8 @@ from __future__ import annotations
 from array import array
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+
+import msgspec
 
 from mrsync.engine.fec import max_repair, recover_block
 from mrsync.engine.layout import Layout
@@ -50,16 +51,14 @@ from mrsync.wire import (
 _U32_MAX = 0xFFFFFFFF
 
 
-@dataclass(frozen=True, slots=True)
-class WritePage:
+class WritePage(msgspec.Struct, frozen=True, gc=False):
     obj: int
     page: int
     offset: int
     data: memoryview | bytes  # may point into the receive buffer: consume before the next call
 
 
-@dataclass(frozen=True, slots=True)
-class WritePages:
+class WritePages(msgspec.Struct, frozen=True, gc=False):
     """Consecutive pages of one object, the first at ``offset``: what the batch path finds in
     one batch, written with one call instead of an action per page."""
 
@@ -68,26 +67,22 @@ class WritePages:
     data: list[memoryview]  # views into the receive buffer: consume before the next call
 
 
-@dataclass(frozen=True, slots=True)
-class ObjectComplete:
+class ObjectComplete(msgspec.Struct, frozen=True, gc=False):
     obj: int
 
 
-@dataclass(frozen=True, slots=True)
-class SendFeedback:
+class SendFeedback(msgspec.Struct, frozen=True, gc=False):
     data: bytes  # unicast to the master's feedback address
 
 
-@dataclass(frozen=True, slots=True)
-class TransferComplete:
+class TransferComplete(msgspec.Struct, frozen=True, gc=False):
     transfer: int
 
 
 ReceiverAction = WritePage | WritePages | ObjectComplete | SendFeedback | TransferComplete
 
 
-@dataclass
-class ReceiverStats:
+class ReceiverStats(msgspec.Struct):
     datagrams: int = 0
     pages_written: int = 0
     bytes_written: int = 0
@@ -98,7 +93,7 @@ class ReceiverStats:
     pages_decoded: int = 0  # missing pages rebuilt from parity
     polls: int = 0
     feedback_sent: int = 0
-    dropped: Counter[str] = field(default_factory=Counter)
+    dropped: Counter[str] = msgspec.field(default_factory=Counter)
 
 
 EARLY_REPORT_FLOOR = 16  # datagrams: the most frequent progress reports (a transfer's start)

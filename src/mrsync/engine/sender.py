@@ -48,7 +48,8 @@ import math
 from array import array
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+
+import msgspec
 
 from mrsync.engine.fec import MAX_SYMBOLS
 from mrsync.engine.layout import Layout
@@ -56,8 +57,7 @@ from mrsync.engine.rate import RateController
 from mrsync.wire import FLAG_BLOCKS, FLAG_COMPLETE, DecodeError, Feedback, decode, encode_poll
 
 
-@dataclass(frozen=True, slots=True)
-class SendPage:
+class SendPage(msgspec.Struct, frozen=True, gc=False):
     """Read this page of this object and multicast it as a DATA datagram with this seq."""
 
     obj: int
@@ -66,8 +66,7 @@ class SendPage:
     repair: bool
 
 
-@dataclass(frozen=True, slots=True)
-class SendRun:
+class SendRun(msgspec.Struct, frozen=True, gc=False):
     """``count`` consecutive first-pass pages of one object from ``page`` on, with seqs from
     ``seq`` on: what ``count`` SendPage actions would say, in one (see ``poll(runs=True)``)."""
 
@@ -77,8 +76,7 @@ class SendRun:
     seq: int
 
 
-@dataclass(frozen=True, slots=True)
-class SendParity:
+class SendParity(msgspec.Struct, frozen=True, gc=False):
     """Compute repair symbol ``esi`` of ``block`` and multicast it as PARITY with this seq."""
 
     block: int
@@ -89,21 +87,18 @@ class SendParity:
     due: int = 1
 
 
-@dataclass(frozen=True, slots=True)
-class SendDatagram:
+class SendDatagram(msgspec.Struct, frozen=True, gc=False):
     """Multicast these ready-made bytes (a POLL)."""
 
     data: bytes
 
 
-@dataclass(frozen=True, slots=True)
-class ReceiverLost:
+class ReceiverLost(msgspec.Struct, frozen=True, gc=False):
     receiver: int
     reason: str
 
 
-@dataclass(frozen=True, slots=True)
-class ReceiverSatOut:
+class ReceiverSatOut(msgspec.Struct, frozen=True, gc=False):
     receiver: int
     lag: float  # seconds it was behind the sender
 
@@ -133,8 +128,7 @@ def catch_up_first_seq(group_last_seq: int, receiver: int) -> int:
 SenderAction = SendPage | SendRun | SendParity | SendDatagram | ReceiverLost | ReceiverSatOut
 
 
-@dataclass
-class SenderStats:
+class SenderStats(msgspec.Struct):
     pages_sent: int = 0  # first-pass data datagrams
     pages_resent: int = 0  # repair data datagrams
     bytes_sent: int = 0  # payload bytes, first pass
@@ -143,11 +137,10 @@ class SenderStats:
     parity_bytes: int = 0
     polls_sent: int = 0
     feedback: int = 0
-    dropped: Counter[str] = field(default_factory=Counter)
+    dropped: Counter[str] = msgspec.field(default_factory=Counter)
 
 
-@dataclass
-class _Peer:
+class _Peer(msgspec.Struct):
     seq_seen: int = 0
     complete: bool = False
     lost: bool = False
