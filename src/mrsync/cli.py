@@ -362,11 +362,6 @@ def _write_json(f: TextIO, document: dict[str, object]) -> None:
         f.close()
 
 
-def run() -> NoReturn:
-    """The ``mrsync`` command: ``main``, then out without the interpreter's teardown."""
-    exitcodes.exit_now(main())
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv == ["--server"]:

@@ -9,53 +9,51 @@ is missing it falls back to ``recv_into``, one datagram at a time.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import functools
 import os
 import socket
 from array import array
+from typing import Any
 
 from mrsync.speedups import speedups
 
 
-class _IOVec(ctypes.Structure):
-    _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
-
-
-class _MsgHdr(ctypes.Structure):
-    _fields_ = [
-        ("msg_name", ctypes.c_void_p),
-        ("msg_namelen", ctypes.c_uint32),
-        ("msg_iov", ctypes.POINTER(_IOVec)),
-        ("msg_iovlen", ctypes.c_size_t),
-        ("msg_control", ctypes.c_void_p),
-        ("msg_controllen", ctypes.c_size_t),
-        ("msg_flags", ctypes.c_int),
-    ]
-
-
-class _MMsgHdr(ctypes.Structure):
-    _fields_ = [("msg_hdr", _MsgHdr), ("msg_len", ctypes.c_uint)]
-
-
 @functools.cache
-def _load_recvmmsg() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
-    # Only when the compiled path is missing: find_library runs `ldconfig -p`, which costs
-    # every target process several milliseconds of start-up.
+def _ctypes_recvmmsg() -> tuple[Any, Any, Any] | None:
+    """libc's recvmmsg and the structures it takes, (function, iovec, mmsghdr), through
+    ctypes; None where libc has none. Only when the compiled path is missing: importing ctypes
+    was a thirtieth of a target's start-up, and find_library runs `ldconfig -p`, several
+    milliseconds more."""
+    import ctypes
     import ctypes.util
+
+    class IOVec(ctypes.Structure):
+        _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
+
+    class MsgHdr(ctypes.Structure):
+        _fields_ = [
+            ("msg_name", ctypes.c_void_p),
+            ("msg_namelen", ctypes.c_uint32),
+            ("msg_iov", ctypes.POINTER(IOVec)),
+            ("msg_iovlen", ctypes.c_size_t),
+            ("msg_control", ctypes.c_void_p),
+            ("msg_controllen", ctypes.c_size_t),
+            ("msg_flags", ctypes.c_int),
+        ]
+
+    class MMsgHdr(ctypes.Structure):
+        _fields_ = [("msg_hdr", MsgHdr), ("msg_len", ctypes.c_uint)]
 
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
         func = libc.recvmmsg
     except (OSError, AttributeError):
         return None
-    func.argtypes = [ctypes.c_int, ctypes.POINTER(_MMsgHdr), ctypes.c_uint, ctypes.c_int,
+    func.argtypes = [ctypes.c_int, ctypes.POINTER(MMsgHdr), ctypes.c_uint, ctypes.c_int,
                      ctypes.c_void_p]
     func.restype = ctypes.c_int
-    return func
-
-
+    return func, IOVec, MMsgHdr
 
 
 class BatchReceiver:
@@ -77,11 +75,14 @@ class BatchReceiver:
         self._msgs = None
         if speedups is not None and slots <= speedups.MAX_BATCH:
             self._receive = self._receive_compiled
-        elif _load_recvmmsg() is not None:
+        elif (bound := _ctypes_recvmmsg()) is not None:
+            import ctypes
+
             self._receive = self._receive_ctypes
+            _, iovec, mmsghdr = bound
             base = ctypes.addressof(ctypes.c_char.from_buffer(self._buf))
-            self._iovs = (_IOVec * slots)()
-            self._msgs = (_MMsgHdr * slots)()
+            self._iovs = (iovec * slots)()
+            self._msgs = (mmsghdr * slots)()
             for i in range(slots):
                 self._iovs[i].iov_base = base + i * slot
                 self._iovs[i].iov_len = slot
@@ -101,11 +102,12 @@ class BatchReceiver:
         return int(speedups.recv_batch(self._fd, self._buf, self.slot, self.lengths))
 
     def _receive_ctypes(self) -> int:
+        import ctypes
+
         msgs = self._msgs
-        assert msgs is not None
-        recvmmsg = _load_recvmmsg()
-        assert recvmmsg is not None
-        n = recvmmsg(self._fd, msgs, self.slots, socket.MSG_DONTWAIT, None)
+        bound = _ctypes_recvmmsg()
+        assert msgs is not None and bound is not None
+        n = bound[0](self._fd, msgs, self.slots, socket.MSG_DONTWAIT, None)
         if n <= 0:
             err = ctypes.get_errno()
             if n < 0 and err not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR):
