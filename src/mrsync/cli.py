@@ -4,20 +4,20 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import socket
 import sys
 import time
-from typing import TYPE_CHECKING, NoReturn, TextIO
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 from mrsync import __version__, config, exitcodes
 from mrsync.io.net import DEFAULT_PORT, Endpoint, loopback_endpoint, network_endpoint
-from mrsync.plan.options import SyncOptions
 from mrsync.remote.targets import TargetSpec, host_target, parse_target, spawn_server
 
 if TYPE_CHECKING:
     import subprocess
+
+    from mrsync.plan.options import SyncOptions
 
 DESCRIPTION = """\
 Multicast rsync: make one or many target directories identical to SRC, sending every byte once
@@ -137,7 +137,10 @@ class _RuleAction(argparse.Action):
         setattr(namespace, self.dest, rules)
 
 
-def _sync_options(args: argparse.Namespace) -> SyncOptions:
+def _sync_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The fields of the SyncOptions the arguments ask for, checked. The SyncOptions itself
+    is made once the targets are starting: it is a msgspec Struct, and msgspec was a fifth of
+    the imports the master made before it could start them."""
     if args.delete_first and (args.backup or args.backup_dir):
         raise UsageError("--backup and -X cannot be combined")
     if args.only and args.delete:
@@ -147,7 +150,7 @@ def _sync_options(args: argparse.Namespace) -> SyncOptions:
     if backup and not args.backup_dir and suffix == "":
         raise UsageError("an empty --suffix needs --backup-dir (the backup would replace the file)")
     only = tuple(g.strip() for g in (args.only or "").split(",") if g.strip())
-    return SyncOptions(
+    return dict(
         checksum=args.checksum,
         size_only=args.size_only,
         update=args.update,
@@ -355,6 +358,8 @@ def _open_json(path: str) -> TextIO:
 
 
 def _write_json(f: TextIO, document: dict[str, object]) -> None:
+    import json
+
     json.dump(document, f, indent=2)
     f.write("\n")
     f.flush()
@@ -388,7 +393,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     try:
         source, targets = _resolve(args)
         _check_paths(source, targets)
-        sync = _sync_options(args)
+        settings = _sync_settings(args)
         if args.json is not None:
             json_out = _open_json(args.json)
     except UsageError as exc:
@@ -400,6 +405,9 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     # master's own imports and set-up below (~40 ms) run meanwhile instead of before.
     spawned = [spawn_server(t, args.rsh, args.mrsync_path) for t in targets]
     try:
+        from mrsync.plan.options import SyncOptions
+
+        sync = SyncOptions(**settings)
         return _run_job(args, source, targets, sync, json_out, spawned)
     finally:
         for proc in spawned:  # reaped by the job; killed here if it never got that far

@@ -23,9 +23,8 @@ file and the key (a typo in a config file must never be silently ignored).
 from __future__ import annotations
 
 import os
-import tomllib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 SYSTEM_CONFIG = "/etc/mrsync.toml"
 USER_CONFIG = "~/.config/mrsync.toml"
@@ -35,8 +34,7 @@ class ConfigError(Exception):
     """A configuration file that cannot be used; the message names the file (and the key)."""
 
 
-@dataclass(frozen=True)
-class Key:
+class Key(NamedTuple):
     dest: str  # the argparse destination it sets the default of
     kind: str  # what the value must be, for the error message
     check: Callable[[object], object]  # returns the value to use, or raises ValueError
@@ -118,8 +116,7 @@ def config_files(explicit: str | None) -> list[tuple[str, bool]]:
 def read_file(path: str, *, required: bool) -> dict[str, object]:
     """The settings of one file as {argparse dest: value}; {} for an absent optional file."""
     try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
+        f = open(path, "rb")  # noqa: SIM115 (closed below, once parsed)
     except FileNotFoundError:
         if required:
             raise ConfigError(f"{path}: no such file") from None
@@ -128,10 +125,17 @@ def read_file(path: str, *, required: bool) -> dict[str, object]:
         raise ConfigError(f"{path}: is a directory") from None
     except PermissionError:
         raise ConfigError(f"{path}: permission denied") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not valid TOML: not UTF-8") from None
+    # Only when there is a file: most runs have none, and the parser was a tenth of the
+    # imports the master makes before it can start its targets.
+    import tomllib
+
+    with f:
+        try:
+            data = tomllib.load(f)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not valid TOML: not UTF-8") from None
     out: dict[str, object] = {}
     for name, value in data.items():
         key = KEYS.get(name)
