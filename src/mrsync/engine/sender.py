@@ -152,6 +152,14 @@ class _Peer(msgspec.Struct):
 
 class Sender:
     MIN_POLL_TIMEOUT = 0.005
+    # Every POLL goes out twice. A receiver that misses a poll is asked again only when the
+    # poll times out (4 round trips, doubled while unanswered), and at the end of a transfer
+    # the last receivers wait on exactly that. On the lab (8 targets, 2 % loss, the tree; six
+    # interleaved runs each) the end of the first pass to the last target complete took
+    # 59-340 ms (median 69) with one copy, 55-61 ms (median 60) with two. Two copies make a
+    # lost poll 50 times rarer for one datagram more per poll; answering both does no harm
+    # (the second answer asks for nothing that was not already sent after the seq it reports).
+    POLL_COPIES = 2
     MAX_POLL_TIMEOUT = 1.0
 
     def __init__(
@@ -336,17 +344,17 @@ class Sender:
         self._check_lag(now, actions)
         if self._poll_now and not self.done:
             self._poll_now = False
-            actions.append(self._make_poll(now))
+            actions.extend(self._make_poll(now))
         extra = 0  # datagrams beyond one per action (a SendRun is many)
         while len(actions) + extra < budget and not self.done:
             if not self._has_page():
                 if now >= self._poll_deadline:
-                    actions.append(self._make_poll(now))
+                    actions.extend(self._make_poll(now))
                 break
             if self._window_full():
                 # Stalled: if no progress report came for a while, ask for one.
                 if now >= self._poll_deadline and now - self._last_progress_at >= self._stall():
-                    actions.append(self._make_poll(now))
+                    actions.extend(self._make_poll(now))
                 break
             if now < self._next_send_at:
                 break
@@ -513,7 +521,7 @@ class Sender:
                     queued[g] = 1
                     heapq.heappush(heap, g)
 
-    def _make_poll(self, now: float) -> SendDatagram:
+    def _make_poll(self, now: float) -> list[SendDatagram]:
         if self._poll and not self._all_answered():
             self._unanswered_polls += 1
         self._poll += 1
@@ -522,8 +530,9 @@ class Sender:
         backoff = min(2.0 ** min(self._unanswered_polls, 10), 64.0)
         self._poll_deadline = now + min(self._poll_timeout * backoff, self.MAX_POLL_TIMEOUT)
         self.stats.polls_sent += 1
-        return SendDatagram(encode_poll(self._key, self._session, self.transfer, self._poll,
-                                        self._seq))
+        datagram = SendDatagram(encode_poll(self._key, self._session, self.transfer, self._poll,
+                                            self._seq))
+        return [datagram] * self.POLL_COPIES
 
     def _all_answered(self) -> bool:
         return all(
