@@ -573,13 +573,14 @@ class Receiver:
     def _report_interval(self) -> int:
         """Datagrams between unsolicited progress reports: ``report_every``, and fewer at the
         start of a transfer, where the sender paces at a guess and its rate controller doubles
-        the rate once per delivery sample. A sample takes two reports a round (20 ms) apart; at
-        the initial 5 MB/s, 128 datagrams are 37 ms, so reports that far apart left the first
-        ~70 ms of every transfer at the guess (measured on the lab: the link reached 200 Mbit/s
-        140 ms after the first datagram). An eighth of what has arrived keeps a few reports a
-        round while the rate doubles, and reaches ``report_every`` after 8 x report_every
-        datagrams: about 30 extra reports per receiver and transfer, fewer with many receivers
-        (``report_every`` grows with them, and the floor with it)."""
+        the rate once per delivery sample. A sample takes two reports a round (20 ms) apart;
+        at the initial rate (then 5 MB/s), 128 datagrams were 37 ms, and reports that far
+        apart left the first ~70 ms of every transfer at the guess (measured on the lab: the
+        link reached 200 Mbit/s 140 ms after the first datagram). An eighth of what has
+        arrived keeps a few reports a round while the rate doubles, and reaches
+        ``report_every`` after 8 x report_every datagrams: about 30 extra reports per receiver
+        and transfer, fewer with many receivers (``report_every`` grows with them, and the
+        floor with it)."""
         every = self._report_every
         if self.received >= every << 3:
             return every
