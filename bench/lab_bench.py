@@ -729,6 +729,7 @@ def byte_compile_mrsync() -> None:
     tens of milliseconds of each run's start-up on two cores). compileall writes whatever
     that variable says."""
     import compileall
+
     import mrsync
 
     for package_dir in mrsync.__path__:
