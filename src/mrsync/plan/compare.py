@@ -48,43 +48,42 @@ class Needs(NamedTuple):
 
 
 def _check_path(path: bytes, index: int) -> None:
-    shown = display(path)
+    # (The path is made printable only for an error: that was a third of checking a manifest.)
     if not path:
-        raise UnsafePath(shown, "empty path")
+        raise UnsafePath(display(path), "empty path")
     if b"\0" in path:
-        raise UnsafePath(shown, "NUL byte in path")
+        raise UnsafePath(display(path), "NUL byte in path")
     if path.startswith(b"/"):
-        raise UnsafePath(shown, "absolute path")
+        raise UnsafePath(display(path), "absolute path")
     if path == b".":
         if index != 0:
-            raise UnsafePath(shown, "'.' is only allowed as the first (root) entry")
+            raise UnsafePath(display(path), "'.' is only allowed as the first (root) entry")
         return
     for comp in path.split(b"/"):
         if comp == b"":
-            raise UnsafePath(shown, "empty path component")
+            raise UnsafePath(display(path), "empty path component")
         if comp == b"..":
-            raise UnsafePath(shown, "'..' component")
+            raise UnsafePath(display(path), "'..' component")
         if comp == b".":
-            raise UnsafePath(shown, "'.' component")
+            raise UnsafePath(display(path), "'.' component")
 
 
 def _check_fields(entry: Entry, digests_follow: bool) -> None:
-    shown = display(entry.path)
     if not 0 <= entry.mode <= _MAX_MODE:
-        raise UnsafePath(shown, f"invalid mode {entry.mode:#o}")
+        raise UnsafePath(display(entry.path), f"invalid mode {entry.mode:#o}")
     if entry.kind == Kind.FILE:
         if entry.size < 0:
-            raise UnsafePath(shown, f"invalid size {entry.size}")
+            raise UnsafePath(display(entry.path), f"invalid size {entry.size}")
         if len(entry.digest) != 32 and not (digests_follow and entry.size and not entry.digest):
-            raise UnsafePath(shown, "file without a 32-byte digest")
+            raise UnsafePath(display(entry.path), "file without a 32-byte digest")
     elif entry.size != 0:
-        raise UnsafePath(shown, "non-file with a size")
+        raise UnsafePath(display(entry.path), "non-file with a size")
     if not _MIN_NS <= entry.mtime_ns <= _MAX_NS:
-        raise UnsafePath(shown, "mtime out of range")
+        raise UnsafePath(display(entry.path), "mtime out of range")
     if not (0 <= entry.uid < _NO_ID and 0 <= entry.gid < _NO_ID):
-        raise UnsafePath(shown, "uid or gid out of range")
+        raise UnsafePath(display(entry.path), "uid or gid out of range")
     if entry.kind == Kind.SYMLINK and (not entry.target or b"\0" in entry.target):
-        raise UnsafePath(shown, "empty symlink target or NUL byte in it")
+        raise UnsafePath(display(entry.path), "empty symlink target or NUL byte in it")
 
 
 def validate_manifest(manifest: Manifest) -> None:
