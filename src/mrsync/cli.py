@@ -369,13 +369,9 @@ def _write_json(f: TextIO, document: dict[str, object]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv == ["--server"]:
-        # A receiver: its settings all come from the master, never from files on its host.
-        from mrsync.remote.server import run_server
-
-        return run_server()
     parser = build_parser()
     if "--server" in argv:
+        # `mrsync --server` alone starts a receiver, before this parser (mrsync.launch).
         parser.error("--server takes no other arguments (the master starts it)")
     defaults = config_defaults(argv, parser.prog)
     if isinstance(defaults, int):

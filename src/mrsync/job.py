@@ -47,7 +47,7 @@ from mrsync.control import (
     frame,
     ids_from_bitmap,
 )
-from mrsync.engine.fec import block_pages_for_targets
+from mrsync.engine.fec import PARITY_BLOCK_PAGES
 from mrsync.engine.fec import supported as fec_supported
 from mrsync.engine.layout import Layout, block_pages_for
 from mrsync.engine.rate import report_every_for
@@ -232,8 +232,7 @@ class Job:
         self.page_size = options.page_size or choose_page_size(options.endpoint)
         self.max_datagram = self.page_size + DATA_OVERHEAD
         self.window = max(16, min(8192, WINDOW_BYTES // (self.max_datagram + 512)))
-        self.block_pages = block_pages_for(self.page_size,
-                                           block_pages_for_targets(len(options.targets)))
+        self.block_pages = block_pages_for(self.page_size, PARITY_BLOCK_PAGES)
         self.fec = options.parity and fec_supported(self.page_size)
         self.targets = [Target(rid=i, spec=spec) for i, spec in enumerate(options.targets)]
         self.selector = selectors.DefaultSelector()

@@ -13,7 +13,7 @@ Why Reed-Solomon rather than a fountain code (RaptorQ): decoding costs a receive
 (pages lost x k x page size), so small blocks make decoding nearly free: with zfec 0.5 ms per
 MiB at k = 32 here, against 2.5 ms per MiB for RaptorQ, whose decoding touches the whole block
 (with ISA-L it is a small fraction of that again). That matters when every target must keep
-up with the link. The block size (``block_pages_for_targets``) is large enough that the worst
+up with the link. The block size (``PARITY_BLOCK_PAGES``) is large enough that the worst
 target's share of a block stays close to the average loss. A block has at most 256 symbols in
 all, so at most 256 - k repair symbols; past that, its receivers fall back to page-by-page
 repair.
@@ -42,18 +42,15 @@ def supported(page_size: int) -> bool:
     return page_size > 0
 
 
-def block_pages_for_targets(targets: int) -> int:
-    """Pages per parity block for a session with this many targets.
-
-    With loss p, a block of k pages costs, in repair, what the worst of N receivers lost of
-    it; the expected worst-of-N share shrinks towards p as k grows (the law of large numbers),
-    while a receiver's decoding work grows with k (zfec: about 1 ms per MiB at k = 128; ISA-L
-    does the same work ~25x faster), and k + repair symbols must stay within the code's 256.
-    The simulator, 8 receivers at 2 % loss, 8,192 pages, seeds 1-3: repair 4.99-5.09 % of the
-    data at k = 64, 4.05-4.25 % at 128, 3.71-3.94 % at 192, 3.37-3.80 % at 224 (only 32 repair
-    symbols left per block). At 1 % loss and N = 1,000 it gives about 4 % at k = 192.
-    """
-    return 192
+# Pages per parity block, whatever the number of targets. With loss p, a block of k pages
+# costs, in repair, what the worst of N receivers lost of it; the expected worst-of-N share
+# shrinks towards p as k grows (the law of large numbers), while a receiver's decoding work
+# grows with k (zfec: about 1 ms per MiB at k = 128; ISA-L does the same work ~25x faster),
+# and k + repair symbols must stay within the code's 256. The simulator, 8 receivers at 2 %
+# loss, 8,192 pages, seeds 1-3: repair 4.99-5.09 % of the data at k = 64, 4.05-4.25 % at
+# 128, 3.71-3.94 % at 192, 3.37-3.80 % at 224 (only 32 repair symbols left per block). At
+# 1 % loss and N = 1,000 it gives about 4 % at k = 192.
+PARITY_BLOCK_PAGES = 192
 
 
 # zfec is imported when first needed: most targets of a clean network never decode, and its

@@ -16,7 +16,7 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from mrsync.engine.fec import BlockEncoder, block_pages_for_targets, supported
+from mrsync.engine.fec import PARITY_BLOCK_PAGES, BlockEncoder, supported
 from mrsync.engine.layout import Layout
 from mrsync.engine.rate import report_every_for
 from mrsync.engine.receiver import (
@@ -96,7 +96,7 @@ def simulate(
     session = rng.getrandbits(32)
     fec = fec and supported(page_size)
     if block_pages is None:
-        block_pages = block_pages_for_targets(receivers)
+        block_pages = PARITY_BLOCK_PAGES
     layout = Layout(objects, page_size, block_pages)
     transfer = 1
     t0 = 0.0
