@@ -121,6 +121,7 @@ class Receiver:
         self.receiver_id = receiver_id
         self.stats = ReceiverStats()
         self._key = key
+        self._data_mac = data_mac(key)  # the compiled path's authenticator, made once
         self._session = session
         self._report_every = max(1, report_every)
         self._max_ranges = max(1, max_ranges)
@@ -261,7 +262,7 @@ class Receiver:
         while i < count:
             if self.missing:
                 stop, new, seq_max, received, duplicates, unwanted, new_bytes = fast.scan_data(
-                    view, slot, lengths, i, count, data_mac(self._key), self._session,
+                    view, slot, lengths, i, count, self._data_mac, self._session,
                     self.transfer, self._page, self._block_pages, self._current_block,
                     self._first, self._npages, self._last_len, self._wanted,
                     self._missing_pages, self._obj_missing, self._block_missing,

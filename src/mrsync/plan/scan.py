@@ -394,17 +394,6 @@ def scan_source(
     return Manifest(entries, digests_follow=not hash_files)
 
 
-__all__ = [
-    "HASH_CHUNK",
-    "ScanError",
-    "display",
-    "hash_fd",
-    "hash_file",
-    "scan_source",
-    "source_root",
-]
-
-
 def hash_manifest(
     manifest: Manifest, root: bytes, warnings: list[str] | None = None
 ) -> Manifest:
@@ -420,3 +409,17 @@ def hash_manifest(
             digest = hash_file(entry_path(root, e.path), e.size, warnings)
         entries[i] = msgspec.structs.replace(e, digest=digest)
     return Manifest(entries)
+
+
+__all__ = [
+    "EMPTY_DIGEST",
+    "HASH_CHUNK",
+    "ScanError",
+    "display",
+    "entry_path",
+    "hash_fd",
+    "hash_file",
+    "hash_manifest",
+    "scan_source",
+    "source_root",
+]
