@@ -6,10 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:  # typing itself is a few milliseconds of every target's start-up
-    from typing import NoReturn
+from typing import NoReturn
 
 OK = 0  # every target is identical to the source
 USAGE = 1  # bad options or arguments; nothing was done
